@@ -1,0 +1,137 @@
+//! Configuration in stages: the command line (the Java jar's options, verbatim), `TASKRUNNER_*`
+//! environment variables, `/etc/taskrunner/config.toml` with `config.d/*.toml` and per-instance
+//! settings, then defaults -> one validated [`Settings`]. Every error names the file, line and
+//! key; the binary exits 78 on any of them.
+//!
+//! (Skeleton: the contract other modules build against. The loader is written in this module.)
+
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// `s3://bucket/prefix`, parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct S3Uri {
+    pub bucket: String,
+    /// Without a leading `/`; may be empty; no trailing `/`.
+    pub prefix: String,
+}
+
+impl S3Uri {
+    pub fn parse(s: &str) -> Result<S3Uri, String> {
+        let rest = s
+            .strip_prefix("s3://")
+            .ok_or_else(|| format!("{s:?} is not an s3:// URI"))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(format!("{s:?} has no bucket"));
+        }
+        Ok(S3Uri {
+            bucket: bucket.to_string(),
+            prefix: prefix.trim_matches('/').to_string(),
+        })
+    }
+    /// The key for `rel` under the prefix.
+    pub fn key(&self, rel: &str) -> String {
+        if self.prefix.is_empty() {
+            rel.to_string()
+        } else {
+            format!("{}/{}", self.prefix, rel)
+        }
+    }
+}
+
+impl std::fmt::Display for S3Uri {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.prefix.is_empty() {
+            write!(f, "s3://{}", self.bucket)
+        } else {
+            write!(f, "s3://{}/{}", self.bucket, self.prefix)
+        }
+    }
+}
+
+/// Proxy for every outbound client (Data Pipeline, S3, STS, IMDS excluded).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxySettings {
+    /// `http://host:port`
+    pub url: String,
+    pub username: Option<String>,
+    pub password: Option<crate::credentials::Secret>,
+    /// Hosts that bypass the proxy (`NO_PROXY` syntax).
+    pub no_proxy: Option<String>,
+}
+
+impl std::fmt::Debug for ProxySettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxySettings")
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("no_proxy", &self.no_proxy)
+            .finish()
+    }
+}
+
+/// Everything the daemon runs with, validated.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Instance name (systemd's `%i`, or the worker group when started by hand).
+    pub instance: String,
+    pub worker_group: String,
+    pub region: String,
+    /// `https://datapipeline.<region>.amazonaws.com` unless `--endpoint`.
+    pub endpoint: String,
+    /// `--taskrunnerId`; when `None` the daemon generates one and persists it in `state_dir`.
+    pub taskrunner_id: Option<String>,
+    /// `--tasks`: activity pollers/slots (default 2).
+    pub tasks: NonZeroUsize,
+    /// Precondition pool (the guide's two precondition threads).
+    pub precondition_tasks: NonZeroUsize,
+    /// `--output`: hourly logs go to `<output_dir>/logs`, per-attempt logs to `<output_dir>/tasks`.
+    pub output_dir: PathBuf,
+    /// Task journal, taskrunner id, upload queue, attempt working directories.
+    pub state_dir: PathBuf,
+    /// Control socket.
+    pub runtime_dir: PathBuf,
+    /// `--logUri`.
+    pub log_uri: Option<S3Uri>,
+    pub proxy: Option<ProxySettings>,
+    /// Extra CA bundle (PEM) trusted by every outbound client, in addition to the system roots.
+    pub ca_bundle: Option<PathBuf>,
+    /// S3 endpoint override (a local S3 for tests and offline use), with path-style addressing.
+    pub s3_endpoint: Option<String>,
+    pub credentials: crate::credentials::CredentialSource,
+    /// Exit 0 after this many tasks were handled.
+    pub exit_after_tasks: Option<u64>,
+    /// Exit 0 after being idle (no task running, none handed out) this long.
+    pub exit_after_idle: Option<Duration>,
+    /// ReportTaskProgress period after the first ack (default 60 s).
+    pub progress_interval: Duration,
+    /// ReportTaskRunnerHeartbeat period (default 15 min).
+    pub heartbeat_interval: Duration,
+    /// SIGTERM: how long running tasks may go on before TERM/grace/KILL.
+    pub drain_timeout: Duration,
+    /// TERM -> KILL grace for a task's process group.
+    pub kill_grace: Duration,
+    /// User and group tasks (and the daemon, after the drop from root) run as.
+    pub user: Option<String>,
+    pub group: Option<String>,
+    /// Tasks may run as root only when this is true.
+    pub allow_root: bool,
+    /// `RUST_LOG`-style filter, e.g. `info` or `taskrunner=debug`.
+    pub log_level: String,
+    /// Disk budget for `output_dir` in bytes.
+    pub disk_budget_bytes: u64,
+    /// Keep an attempt's working directory after it ended: `never`, `on-failure`, `always`.
+    pub keep_workdirs: KeepWorkdirs,
+    /// Where each effective value came from, for `--check-config` (key -> "file:line" / "env" / "flag" / "default").
+    pub sources: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeepWorkdirs {
+    Never,
+    OnFailure,
+    Always,
+}
