@@ -645,7 +645,6 @@ impl Engine {
     }
 
     fn query_objects(&self, owner: &str, input: &Value) -> R<Value> {
-        let p = self.owned(owner, str_arg(input, "pipelineId"))?;
         let sphere = str_arg(input, "sphere");
         if !["COMPONENT", "INSTANCE", "ATTEMPT"].contains(&sphere) {
             return Err(ApiErr::invalid(format!(
@@ -675,6 +674,7 @@ impl Engine {
                 )));
             }
         }
+        let p = self.owned(owner, str_arg(input, "pipelineId"))?;
         let view = View::new(p);
         let candidates: Vec<PipelineObject> = match sphere {
             "COMPONENT" => p

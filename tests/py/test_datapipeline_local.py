@@ -1,4 +1,5 @@
 """awscli and boto3 (clients this project did not write) against datapipeline-local."""
+import copy
 import datetime
 import json
 import subprocess
@@ -138,8 +139,9 @@ def test_awscli_drives_the_management_calls(server, aws_env, tmp_path):
 def create(client, definition_objects, values=None):
     from awscli.customizations.datapipeline import translator
     pid = call(client, "create_pipeline", name="py", uniqueId="boto")["pipelineId"]
-    objs = translator.definition_to_api_objects({"objects": definition_objects})
-    params = translator.definition_to_api_parameters(DEFINITION)
+    # The translator consumes what it reads: give it copies.
+    objs = translator.definition_to_api_objects({"objects": copy.deepcopy(definition_objects)})
+    params = translator.definition_to_api_parameters(copy.deepcopy(DEFINITION))
     vals = translator.definition_to_parameter_values({"values": values or DEFINITION["values"]})
     put = call(client, "put_pipeline_definition", pipelineId=pid, pipelineObjects=objs,
                parameterObjects=params, parameterValues=vals)
