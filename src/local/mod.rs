@@ -7,6 +7,7 @@
 //! | [`server`] | HTTP (axum): body cap, target, SigV4, model validation, long poll, error bodies |
 //! | [`sigv4`] | SigV4 verification with `hmac`/`sha2` |
 //! | [`shapes`] | request validation driven by the embedded API model |
+//! | [`expr`] | `#{...}` expressions and the functions of the Developer Guide (branch `expr`) |
 //! | [`engine`] | pipelines, objects, instances, attempts, hand-out, retries, timeouts |
 //! | [`store`] | SQLite persistence with `--state DIR` |
 //! | [`client`] | the signing client behind `submit` and `runs`; the definition-file translation |
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod client;
 mod compat;
 pub mod engine;
+pub mod expr;
 pub mod server;
 pub mod shapes;
 pub mod sigv4;
