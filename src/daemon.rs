@@ -150,8 +150,8 @@ pub enum ControlCommand {
     Resume,
 }
 
-/// What a reload may change live.
-pub type ReloadFn = Box<dyn Fn() -> Result<Settings, String> + Send + Sync>;
+/// SIGHUP: load the settings again from the running ones (`config::reload`).
+pub type ReloadFn = Box<dyn Fn(&Settings) -> Result<Settings, String> + Send + Sync>;
 
 /// Where the service side plugs in. Everything is optional: `taskrunner` started by hand or in a
 /// test runs without any of it.
@@ -276,6 +276,9 @@ pub async fn run(
         "taskrunner {} starting",
         env!("CARGO_PKG_VERSION")
     );
+    for w in &settings.warnings {
+        tracing::warn!("{w}");
+    }
     let worker_config = WorkerConfig::from_settings(&settings, host.clone());
     if let Err(why) = &worker_config.run_as {
         tracing::warn!("{why}");
@@ -294,7 +297,12 @@ pub async fn run(
         started_at: unix_now(),
         slots: settings.tasks.get(),
         disk_budget_bytes: settings.disk_budget_bytes,
-        config_source: settings.sources.get("config").cloned().unwrap_or_default(),
+        config_source: settings
+            .settings_files
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
         ..Default::default()
     });
 
@@ -310,6 +318,9 @@ pub async fn run(
             return crate::exit::FAILURE;
         }
     };
+
+    let instance_identity = crate::api::imds::Imds::from_env().instance_identity().await;
+    tracing::info!(on_ec2 = instance_identity.is_some(), "instance identity checked");
 
     let stop_polling = CancellationToken::new();
     let hard_stop = CancellationToken::new();
@@ -332,8 +343,8 @@ pub async fn run(
         request: PollRequest {
             worker_group: settings.worker_group.clone(),
             hostname: host.clone(),
-            // The client helper's `api::imds` fills this on EC2.
-            instance_identity: None,
+            // On EC2 the signed identity document (checked once, short timeout); elsewhere none.
+            instance_identity,
         },
         stop: stop_polling.clone(),
         paused: paused_rx,
@@ -388,7 +399,7 @@ pub async fn run(
                     tracing::info!("SIGHUP: no reloadable configuration; nothing to do");
                     continue;
                 };
-                match reload() {
+                match reload(&current) {
                     Err(why) => tracing::error!(
                         "SIGHUP: the new configuration is not valid, keeping the old one: {why}"
                     ),
@@ -618,5 +629,56 @@ pub fn init_stderr_logging(level: &str) -> Box<dyn Fn(&str) -> Result<(), String
     Box::new(move |level: &str| {
         let f = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
         handle.reload(f).map_err(|e| e.to_string())
+    })
+}
+
+/// The `taskrunner` binary: settings (exit 78 on a config error) -> logging -> clients -> [`run`].
+pub fn main() -> i32 {
+    use crate::config::{self, Invocation};
+    let settings = match config::load_from_process() {
+        Ok(Invocation::Run(s)) => *s,
+        Ok(Invocation::CheckConfig(s)) => {
+            print!("{}", config::render_check(&s));
+            return crate::exit::OK;
+        }
+        Err(e) => {
+            eprintln!("taskrunner: {e}");
+            return e.exit_code();
+        }
+    };
+    // Hook: the `logs` module's layers (journald, hourly files) replace this.
+    let set_log_level = init_stderr_logging(&settings.log_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("taskrunner: cannot start the async runtime: {e}");
+            return crate::exit::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        crate::net::install_crypto_provider();
+        let api = match crate::api::http::HttpPipelineApi::from_settings(&settings).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!("cannot set up the Data Pipeline client: {e}");
+                eprintln!("taskrunner: cannot set up the Data Pipeline client: {e}");
+                return crate::exit::CONFIG;
+            }
+        };
+        let store: Option<Arc<dyn ObjectStore>> = match crate::net::s3_client(&settings).await {
+            Ok(c) => Some(Arc::new(c)),
+            Err(e) => {
+                tracing::warn!("no S3 client ({e}): tasks with scriptUri or s3:// stdout/stderr will fail");
+                None
+            }
+        };
+        let hooks = Hooks {
+            reload: Some(Box::new(|current: &Settings| {
+                crate::config::reload(current).map_err(|e| e.to_string())
+            })),
+            set_log_level: Some(set_log_level),
+            ..Default::default()
+        };
+        run(settings, Arc::new(api), store, hooks).await
     })
 }

@@ -241,8 +241,6 @@ pub async fn run_task(ctx: &WorkerContext, task: TaskObject) -> Handled {
     let ids = activity::task_ids(&task);
     let span = tracing::info_span!("task", task_id = %ids.task_id, pipeline_id = %ids.pipeline_id,
         attempt_id = %ids.attempt_id, activity_type = %ids.activity_type);
-    let _g = span.enter();
-    drop(_g);
     let mut rec = AttemptRecord::new(ids);
     ctx.status.task_started(&rec.ids);
     let handled = tracing::Instrument::instrument(run_inner(ctx, task, &mut rec), span).await;
@@ -592,7 +590,8 @@ async fn run_precondition(
                 chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S").to_string(),
             ),
         ]);
-        let report = run_shell(ctx, rec, shell, stop, rec.checks > 0).await;
+        let append = rec.checks > 0;
+        let report = run_shell(ctx, rec, shell, stop, append).await;
         rec.checks += 1;
         drop(permit);
         let Some(report) = report else { break None };

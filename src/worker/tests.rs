@@ -4,7 +4,7 @@
 use super::*;
 use crate::activity::TaskIds;
 use crate::api::{ApiError, ApiErrorKind, PollRequest};
-use crate::model::{InstanceIdentity, PipelineObject};
+use crate::model::PipelineObject;
 use crate::status::StatusSnapshot;
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -83,9 +83,6 @@ impl PipelineApi for FakeApi {
         Ok(self.objects.lock().unwrap().clone())
     }
 }
-
-#[allow(dead_code)]
-fn _identity_is_used(_: InstanceIdentity) {}
 
 struct Env {
     api: Arc<FakeApi>,
