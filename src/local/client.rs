@@ -43,6 +43,7 @@ impl Client {
         access_key: String,
         secret_key: String,
     ) -> anyhow::Result<Client> {
+        crate::net::install_crypto_provider();
         let http = reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(120))
