@@ -580,6 +580,9 @@ enum Value {
     Text(String),
     /// A string literal or a function's string result.
     Str(String),
+    /// Text of an encrypted field (`*password`, DG:dp-pipeline-characters.md): like `Text`, but
+    /// never quoted in an error message, which may end up in logs and API answers.
+    Secret(String),
     Int(i64),
     Float(f64),
     DateTime(DateTime<Utc>),
@@ -592,6 +595,7 @@ impl Value {
     fn type_name(&self) -> &'static str {
         match self {
             Value::Text(_) | Value::Str(_) => "a string",
+            Value::Secret(_) => "an encrypted field's value",
             Value::Int(_) => "an integer",
             Value::Float(_) => "a float",
             Value::DateTime(_) => "a DateTime",
@@ -603,7 +607,7 @@ impl Value {
     /// How the value prints in a string field. Lists are flattened and joined with `,`.
     fn render(&self) -> String {
         match self {
-            Value::Text(s) | Value::Str(s) | Value::Ref(s) => s.clone(),
+            Value::Text(s) | Value::Str(s) | Value::Secret(s) | Value::Ref(s) => s.clone(),
             Value::Int(v) => v.to_string(),
             Value::Float(v) => java_double(*v),
             Value::DateTime(t) => format_datetime(*t),
@@ -943,6 +947,8 @@ impl<'s, 'a> Evaluator<'s, 'a> {
                     if s.contains("#{") {
                         let obj_id = obj.id.clone();
                         values.push(self.field_text(&obj_id, name, s)?);
+                    } else if name.starts_with('*') {
+                        values.push(Value::Secret(s.clone()));
                     } else {
                         values.push(Value::Text(s.clone()));
                     }
@@ -1040,6 +1046,8 @@ fn as_num(v: &Value) -> Result<Num, Fail> {
         Value::Text(s) | Value::Str(s) => {
             parse_num(s).ok_or_else(|| Fail::Type(format!("{s:?} is a string, not a number")))
         }
+        Value::Secret(s) => parse_num(s)
+            .ok_or_else(|| Fail::Type("the value of an encrypted (*) field is not a number".into())),
         other => Err(Fail::Type(format!(
             "expected a number, got {} ({})",
             other.type_name(),
@@ -1080,11 +1088,20 @@ fn scalar_binop(op: Op, a: Value, b: Value) -> Res {
     if op == Op::Add {
         // DG:dp-pipeline-reference-functions-string.md: "Non-string values are first converted to strings".
         let is_num = |v: &Value| matches!(v, Value::Int(_) | Value::Float(_));
+        let text = |v: &Value| match v {
+            Value::Text(_) | Value::Secret(_) => true,
+            _ => false,
+        };
+        let numeric_text = |v: &Value| match v {
+            Value::Text(s) | Value::Secret(s) => parse_num(s).is_some(),
+            _ => false,
+        };
         let concat = match (&a, &b) {
-            (Value::Str(_), _) | (_, Value::Str(_)) | (Value::Text(_), Value::Text(_)) => true,
+            (Value::Str(_), _) | (_, Value::Str(_)) => true,
+            (x, y) if text(x) && text(y) => true,
             // Text from a field that reads as a number adds (`#{myCount + 1}`); other text concatenates.
-            (Value::Text(s), n) | (n, Value::Text(s)) if is_num(n) => parse_num(s).is_none(),
-            (Value::Text(_), _) | (_, Value::Text(_)) => true,
+            (t, n) | (n, t) if text(t) && is_num(n) => !numeric_text(t),
+            (x, y) if text(x) || text(y) => true,
             (x, y) if is_num(x) && is_num(y) => false,
             _ => {
                 return Err(Fail::Type(format!(
@@ -1153,7 +1170,7 @@ const FUNCTIONS: &[Function] = &[
     }),
     f!("format", 2, "String format(DateTime, String)", |a| {
         let pattern = match &a[1] {
-            Value::Str(s) | Value::Text(s) => s,
+            Value::Str(s) | Value::Text(s) | Value::Secret(s) => s,
             other => {
                 return Err(Fail::Type(format!(
                     "format() wants a pattern string, got {}",
@@ -1272,6 +1289,8 @@ fn date(v: &Value) -> Result<DateTime<Utc>, Fail> {
     match v {
         Value::DateTime(t) => Ok(*t),
         Value::Text(s) | Value::Str(s) => parse_datetime(s).map_err(Fail::Type),
+        Value::Secret(s) => parse_datetime(s)
+            .map_err(|_| Fail::Type("the value of an encrypted (*) field is not a date-time".into())),
         other => Err(Fail::Type(format!(
             "expected a DateTime, got {} ({})",
             other.type_name(),
@@ -2062,7 +2081,14 @@ mod tests {
         assert_eq!(evaluate("#{*password}", &scope).unwrap(), "secret");
         assert_eq!(evaluate("#{myN*2}", &scope).unwrap(), "6");
         let e = evaluate("#{myN * *password}", &scope).unwrap_err().to_string();
-        assert!(e.contains("\"secret\" is a string, not a number"), "{e}");
+        // The value of an encrypted field is never quoted in an error.
+        assert!(
+            e.contains("encrypted (*) field is not a number") && !e.contains("secret"),
+            "{e}"
+        );
+        let e = evaluate("#{day(*password)}", &scope).unwrap_err().to_string();
+        assert!(e.contains("not a date-time") && !e.contains("secret"), "{e}");
+        assert_eq!(evaluate("#{'pw=' + *password}", &scope).unwrap(), "pw=secret");
     }
 
     #[test]
