@@ -172,10 +172,22 @@ fn split_template(template: &str) -> Result<Vec<Piece<'_>>, ExprError> {
                 },
             }
         }
-        let close = close.ok_or_else(|| ExprError::Unterminated {
-            template: template.to_string(),
-            offset: open,
-        })?;
+        let close = match (close, quote) {
+            (Some(c), _) => c,
+            // Say which mistake it is: an open quote swallows the `}`.
+            (None, Some(q)) => {
+                return Err(ExprError::Syntax {
+                    expr: template[body_start..].to_string(),
+                    message: format!("unterminated string literal: a {q} is never closed"),
+                })
+            }
+            (None, None) => {
+                return Err(ExprError::Unterminated {
+                    template: template.to_string(),
+                    offset: open,
+                })
+            }
+        };
         pieces.push(Piece::Expr(&template[body_start..close]));
         rest_start = close + 1;
     }
@@ -568,6 +580,9 @@ enum Value {
     Text(String),
     /// A string literal or a function's string result.
     Str(String),
+    /// Text of an encrypted field (`*password`, DG:dp-pipeline-characters.md): like `Text`, but
+    /// never quoted in an error message, which may end up in logs and API answers.
+    Secret(String),
     Int(i64),
     Float(f64),
     DateTime(DateTime<Utc>),
@@ -580,6 +595,7 @@ impl Value {
     fn type_name(&self) -> &'static str {
         match self {
             Value::Text(_) | Value::Str(_) => "a string",
+            Value::Secret(_) => "an encrypted field's value",
             Value::Int(_) => "an integer",
             Value::Float(_) => "a float",
             Value::DateTime(_) => "a DateTime",
@@ -591,7 +607,7 @@ impl Value {
     /// How the value prints in a string field. Lists are flattened and joined with `,`.
     fn render(&self) -> String {
         match self {
-            Value::Text(s) | Value::Str(s) | Value::Ref(s) => s.clone(),
+            Value::Text(s) | Value::Str(s) | Value::Secret(s) | Value::Ref(s) => s.clone(),
             Value::Int(v) => v.to_string(),
             Value::Float(v) => java_double(*v),
             Value::DateTime(t) => format_datetime(*t),
@@ -931,6 +947,8 @@ impl<'s, 'a> Evaluator<'s, 'a> {
                     if s.contains("#{") {
                         let obj_id = obj.id.clone();
                         values.push(self.field_text(&obj_id, name, s)?);
+                    } else if name.starts_with('*') {
+                        values.push(Value::Secret(s.clone()));
                     } else {
                         values.push(Value::Text(s.clone()));
                     }
@@ -1028,6 +1046,8 @@ fn as_num(v: &Value) -> Result<Num, Fail> {
         Value::Text(s) | Value::Str(s) => {
             parse_num(s).ok_or_else(|| Fail::Type(format!("{s:?} is a string, not a number")))
         }
+        Value::Secret(s) => parse_num(s)
+            .ok_or_else(|| Fail::Type("the value of an encrypted (*) field is not a number".into())),
         other => Err(Fail::Type(format!(
             "expected a number, got {} ({})",
             other.type_name(),
@@ -1068,11 +1088,20 @@ fn scalar_binop(op: Op, a: Value, b: Value) -> Res {
     if op == Op::Add {
         // DG:dp-pipeline-reference-functions-string.md: "Non-string values are first converted to strings".
         let is_num = |v: &Value| matches!(v, Value::Int(_) | Value::Float(_));
+        let text = |v: &Value| match v {
+            Value::Text(_) | Value::Secret(_) => true,
+            _ => false,
+        };
+        let numeric_text = |v: &Value| match v {
+            Value::Text(s) | Value::Secret(s) => parse_num(s).is_some(),
+            _ => false,
+        };
         let concat = match (&a, &b) {
-            (Value::Str(_), _) | (_, Value::Str(_)) | (Value::Text(_), Value::Text(_)) => true,
+            (Value::Str(_), _) | (_, Value::Str(_)) => true,
+            (x, y) if text(x) && text(y) => true,
             // Text from a field that reads as a number adds (`#{myCount + 1}`); other text concatenates.
-            (Value::Text(s), n) | (n, Value::Text(s)) if is_num(n) => parse_num(s).is_none(),
-            (Value::Text(_), _) | (_, Value::Text(_)) => true,
+            (t, n) | (n, t) if text(t) && is_num(n) => !numeric_text(t),
+            (x, y) if text(x) || text(y) => true,
             (x, y) if is_num(x) && is_num(y) => false,
             _ => {
                 return Err(Fail::Type(format!(
@@ -1141,7 +1170,7 @@ const FUNCTIONS: &[Function] = &[
     }),
     f!("format", 2, "String format(DateTime, String)", |a| {
         let pattern = match &a[1] {
-            Value::Str(s) | Value::Text(s) => s,
+            Value::Str(s) | Value::Text(s) | Value::Secret(s) => s,
             other => {
                 return Err(Fail::Type(format!(
                     "format() wants a pattern string, got {}",
@@ -1260,6 +1289,8 @@ fn date(v: &Value) -> Result<DateTime<Utc>, Fail> {
     match v {
         Value::DateTime(t) => Ok(*t),
         Value::Text(s) | Value::Str(s) => parse_datetime(s).map_err(Fail::Type),
+        Value::Secret(s) => parse_datetime(s)
+            .map_err(|_| Fail::Type("the value of an encrypted (*) field is not a date-time".into())),
         other => Err(Fail::Type(format!(
             "expected a DateTime, got {} ({})",
             other.type_name(),
@@ -1457,4 +1488,721 @@ fn joda_format(t: DateTime<Utc>, pattern: &str) -> Result<String, String> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj(id: &str, fields: &[(&str, &str)], refs: &[(&str, &str)]) -> PipelineObject {
+        let mut f: Vec<Field> = fields.iter().map(|(k, v)| Field::string(*k, *v)).collect();
+        f.extend(refs.iter().map(|(k, v)| Field::reference(*k, *v)));
+        PipelineObject {
+            id: id.into(),
+            name: format!("{id}Name"),
+            fields: f,
+        }
+    }
+
+    /// A small pipeline: the guide's examples, plus instances and some traps.
+    fn objects() -> BTreeMap<String, PipelineObject> {
+        let list = [
+            obj(
+                "Act",
+                &[
+                    ("type", "ShellCommandActivity"),
+                    ("myDateTime", "2011-05-24T17:10:00"),
+                    ("@scheduledStartTime", "2012-12-12T00:00:00"),
+                    ("@scheduledEndTime", "2012-12-13T00:00:00"),
+                    ("myList", "one"),
+                    ("myList", "two"),
+                    ("myList1", "1"),
+                    ("myList1", "2"),
+                    ("myList2", "3"),
+                    ("myList2", "4"),
+                    ("myCount", "5"),
+                    ("myZero", "007"),
+                    ("command", "echo #{@scheduledStartTime}"),
+                    ("myLater", "#{plusDays(@scheduledStartTime, 1)}"),
+                ],
+                &[
+                    ("input", "In"),
+                    ("output", "Out"),
+                    ("precondition", "Pre"),
+                    ("onFail", "Alarm"),
+                ],
+            ),
+            obj(
+                "In",
+                &[
+                    ("@scheduledStartTime", "2012-12-12T00:00:00"),
+                    (
+                        "directoryPath",
+                        "s3://bucket/#{@scheduledStartTime.format('YYYY-MM-dd')}",
+                    ),
+                    ("myPrefix", "#{directoryPath}/part"),
+                ],
+                &[],
+            ),
+            obj("Out", &[("directoryPath", "s3://out")], &[("input", "In")]),
+            obj("Pre", &[("command", "test #{node.@scheduledStartTime}")], &[]),
+            obj(
+                "Alarm",
+                &[
+                    (
+                        "message",
+                        "Error for interval #{node.@scheduledStartTime}..#{node.@scheduledEndTime}.",
+                    ),
+                    ("subject", "S3 bucket '#{node.output.directoryPath}' failed"),
+                ],
+                &[],
+            ),
+            obj(
+                "ExampleDataNode",
+                &[("filePath", "s3://mybucket/#{parent.@id}.csv")],
+                &[],
+            ),
+            obj("Child", &[], &[("parent", "Base")]),
+            obj("Base", &[("myBaseField", "base")], &[]),
+            obj(
+                "@Act_2012-12-12T00:00:00",
+                &[("@scheduledStartTime", "2012-12-12T00:00:00")],
+                &[("@componentParent", "Act")],
+            ),
+            obj(
+                "@Act_2012-12-12T00:00:00_Attempt=1",
+                &[],
+                &[("@instanceParent", "@Act_2012-12-12T00:00:00")],
+            ),
+            obj("Loop", &[("myA", "#{myB}"), ("myB", "x#{myA}")], &[]),
+            obj("Lonely", &[("note", "#{node.@id}")], &[]),
+            obj("Shared", &[], &[]),
+            obj("User1", &[], &[("onSuccess", "Shared")]),
+            obj("User2", &[], &[("onFail", "Shared")]),
+        ];
+        list.into_iter().map(|o| (o.id.clone(), o)).collect()
+    }
+
+    fn params() -> BTreeMap<String, Vec<String>> {
+        BTreeMap::from([
+            ("myParam".to_string(), vec!["p1".to_string()]),
+            ("myMulti".to_string(), vec!["x".to_string(), "y".to_string()]),
+            // A field of the same name wins over a parameter.
+            ("myCount".to_string(), vec!["99".to_string()]),
+        ])
+    }
+
+    fn eval_in(current: &str, template: &str) -> Result<String, ExprError> {
+        let (objects, params) = (objects(), params());
+        evaluate(
+            template,
+            &Scope {
+                objects: &objects,
+                current,
+                params: &params,
+            },
+        )
+    }
+
+    fn list_in(current: &str, template: &str) -> Result<Vec<String>, ExprError> {
+        let (objects, params) = (objects(), params());
+        evaluate_list(
+            template,
+            &Scope {
+                objects: &objects,
+                current,
+                params: &params,
+            },
+        )
+    }
+
+    fn ev(template: &str) -> String {
+        eval_in("Act", template).unwrap_or_else(|e| panic!("{template}: {e}"))
+    }
+
+    fn err(template: &str) -> ExprError {
+        eval_in("Act", template).expect_err(template)
+    }
+
+    /// DG:dp-pipeline-reference-functions-datetime.md, with `myDateTime` = May 24, 2011 @ 5:10 pm GMT.
+    /// The guide prints DateTime results as `"2011-05-24T17:10:00z"` (and twice with a space or ` UTC`);
+    /// a DateTime prints here as the API writes date-times, `2011-05-24T17:10:00`.
+    #[test]
+    fn every_datetime_function_with_the_guides_examples() {
+        let table = [
+            ("day(myDateTime)", "24"),
+            ("dayOfYear(myDateTime)", "144"),
+            ("firstOfMonth(myDateTime)", "2011-05-01T17:10:00"),
+            // The guide's result reads "2011-05-24T17:10:00 UTC", which this pattern cannot produce
+            // (it has a space, not a `T`); Joda-Time prints the following.
+            (
+                "format(myDateTime,'YYYY-MM-dd HH:mm:ss z')",
+                "2011-05-24 17:10:00 UTC",
+            ),
+            ("hour(myDateTime)", "17"),
+            ("makeDate(2011,5,24)", "2011-05-24T00:00:00"),
+            ("makeDateTime(2011,5,24,14,21)", "2011-05-24T14:21:00"),
+            // The guide's midnight example uses 2011-05-25T17:10:00z.
+            ("midnight(plusDays(myDateTime,1))", "2011-05-25T00:00:00"),
+            ("midnight(myDateTime)", "2011-05-24T00:00:00"),
+            ("minusDays(myDateTime,1)", "2011-05-23T17:10:00"),
+            ("minusHours(myDateTime,1)", "2011-05-24T16:10:00"),
+            ("minusMinutes(myDateTime,1)", "2011-05-24T17:09:00"),
+            ("minusMonths(myDateTime,1)", "2011-04-24T17:10:00"),
+            ("minusWeeks(myDateTime,1)", "2011-05-17T17:10:00"),
+            ("minusYears(myDateTime,1)", "2010-05-24T17:10:00"),
+            ("minute(myDateTime)", "10"),
+            ("month(myDateTime)", "5"),
+            ("plusDays(myDateTime,1)", "2011-05-25T17:10:00"),
+            ("plusHours(myDateTime,1)", "2011-05-24T18:10:00"),
+            ("plusMinutes(myDateTime,1)", "2011-05-24T17:11:00"),
+            ("plusMonths(myDateTime,1)", "2011-06-24T17:10:00"),
+            ("plusWeeks(myDateTime,1)", "2011-05-31T17:10:00"),
+            ("plusYears(myDateTime,1)", "2012-05-24T17:10:00"),
+            ("sunday(myDateTime)", "2011-05-22T17:10:00"),
+            ("year(myDateTime)", "2011"),
+            ("yesterday(myDateTime)", "2011-05-23T17:10:00"),
+        ];
+        for (expr, want) in table {
+            assert_eq!(ev(&format!("#{{{expr}}}")), want, "{expr}");
+        }
+        // No function goes untested.
+        for f in FUNCTIONS {
+            assert!(
+                table.iter().any(|(e, _)| e.starts_with(&format!("{}(", f.name))),
+                "no test vector for {}",
+                f.name
+            );
+        }
+    }
+
+    #[test]
+    fn datetime_edge_cases() {
+        // A Sunday is its own sunday(); months clamp like Joda-Time.
+        assert_eq!(ev("#{sunday(makeDate(2011,5,22))}"), "2011-05-22T00:00:00");
+        assert_eq!(ev("#{plusMonths(makeDate(2011,1,31),1)}"), "2011-02-28T00:00:00");
+        assert_eq!(ev("#{minusYears(makeDate(2012,2,29),1)}"), "2011-02-28T00:00:00");
+        assert_eq!(ev("#{plusDays(myDateTime,-1)}"), "2011-05-23T17:10:00");
+        assert_eq!(ev("#{firstOfMonth(makeDate(2011,12,31))}"), "2011-12-01T00:00:00");
+        // Numeric text from fields works as an int argument.
+        assert_eq!(ev("#{plusDays(myDateTime, myCount)}"), "2011-05-29T17:10:00");
+        assert!(matches!(err("#{makeDate(2011,2,30)}"), ExprError::Eval { .. }));
+        assert!(matches!(
+            err("#{plusYears(myDateTime, 999999999)}"),
+            ExprError::Eval { .. }
+        ));
+        assert!(matches!(
+            err("#{plusDays(myDateTime, 1.5)}"),
+            ExprError::Type { .. }
+        ));
+    }
+
+    #[test]
+    fn joda_format_patterns() {
+        let table = [
+            ("YYYY-MM-dd HH:mm:ss", "2011-05-24 17:10:00"),
+            ("yyyy-MM-dd'T'HH:mm:ss.SSS", "2011-05-24T17:10:00.000"),
+            // The guide's own nested example uses `hh`, the 12-hour clock.
+            ("YYYY-MM-dd hh:mm:ss", "2011-05-24 05:10:00"),
+            ("h:mm a", "5:10 PM"),
+            ("K k H", "5 17 17"),
+            ("yy/M/d", "11/5/24"),
+            ("y yyy yyyyy", "2011 2011 02011"),
+            ("EEE, d MMM yyyy", "Tue, 24 May 2011"),
+            ("EEEE d MMMM", "Tuesday 24 May"),
+            ("D DDD", "144 144"),
+            ("xxxx-'W'ww-e", "2011-W21-2"),
+            ("G C", "AD 20"),
+            ("z zzzz", "UTC Coordinated Universal Time"),
+            ("Z ZZ ZZZ", "+0000 +00:00 UTC"),
+            ("'quoted ''text''' HH", "quoted 'text' 17"),
+            ("''HH''", "'17'"),
+            ("dd/MM/yyyy @ HH:mm", "24/05/2011 @ 17:10"),
+            ("", ""),
+        ];
+        let t = parse_datetime("2011-05-24T17:10:00").unwrap();
+        for (pattern, want) in table {
+            assert_eq!(joda_format(t, pattern).as_deref(), Ok(want), "{pattern}");
+        }
+        let midnight = parse_datetime("2011-05-24T00:05:00").unwrap();
+        assert_eq!(joda_format(midnight, "hh:mm a k").unwrap(), "12:05 AM 24");
+        assert_eq!(
+            joda_format(
+                parse_datetime("2011-05-24T00:00:00.123456").unwrap(),
+                "S SS SSS SSSS"
+            )
+            .unwrap(),
+            "1 12 123 1234"
+        );
+        let e = joda_format(t, "yyyy-qq").unwrap_err();
+        assert!(e.contains("'q'") && e.contains("yyyy-qq"), "{e}");
+        assert!(matches!(
+            err("#{format(myDateTime, 'bb')}"),
+            ExprError::Eval { .. }
+        ));
+    }
+
+    /// DG:dp-pipeline-reference-functions-math.md.
+    #[test]
+    fn math_with_the_guides_examples() {
+        let table = [
+            ("1 + 2", "3"),
+            ("1 - 2", "-1"),
+            ("1 * 2", "2"),
+            ("1 / 2", "0"),
+            // The guide prints `.5`; the service is a JVM and Java prints a double as `0.5`.
+            ("1.0 / 2", "0.5"),
+            ("2 ^ 2", "4.0"),
+            ("1 + 2 * 3", "7"),
+            ("(1 + 2) * 3", "9"),
+            ("2 ^ 3 ^ 2", "512.0"),
+            ("2 * 3 ^ 2", "18.0"),
+            ("-7 / 2", "-3"),
+            ("7.5 - 0.5", "7.0"),
+            ("-(3)", "-3"),
+            ("--3", "3"),
+            ("+3", "3"),
+            ("10 - 2 - 3", "5"),
+            ("12 / 2 / 3", "2"),
+            (".5 * 4", "2.0"),
+            ("2 ^ -1", "0.5"),
+            ("10.0 ^ 7", "1.0E7"),
+            ("myCount * 2", "10"),
+            ("myCount - 0.5", "4.5"),
+            ("myCount + 1", "6"),
+        ];
+        for (expr, want) in table {
+            assert_eq!(ev(&format!("#{{{expr}}}")), want, "{expr}");
+        }
+        assert!(
+            matches!(err("#{1 / 0}"), ExprError::Eval { message, .. } if message.contains("division by zero"))
+        );
+        assert!(matches!(err("#{1.0 / 0}"), ExprError::Eval { .. }));
+        assert!(
+            matches!(err("#{9223372036854775807 + 1}"), ExprError::Eval { message, .. } if message.contains("overflow"))
+        );
+        assert!(matches!(err("#{99999999999999999999}"), ExprError::Syntax { .. }));
+    }
+
+    /// DG:dp-pipeline-reference-functions-string.md: `+` concatenates and converts non-strings.
+    #[test]
+    fn strings_and_concatenation() {
+        let table = [
+            (r#""hel" + "lo""#, "hello"),
+            ("'hel' + 'lo'", "hello"),
+            ("'a' + 1", "a1"),
+            ("1 + 'a'", "1a"),
+            ("'v' + 2 ^ 2", "v4.0"),
+            ("'x' + (1 + 2)", "x3"),
+            ("'x' + 1 + 2", "x12"),
+            (r"'it\'s'", "it's"),
+            (r#""say \"hi\"""#, "say \"hi\""),
+            ("'at ' + myDateTime", "at 2011-05-24T17:10:00"),
+            ("'at ' + plusDays(myDateTime, 1)", "at 2011-05-25T17:10:00"),
+            ("'n' + myCount", "n5"),
+            // Two field values are text: `+` concatenates them.
+            ("myCount + myCount", "55"),
+            ("myZero", "007"),
+            ("'}{'", "}{"),
+        ];
+        for (expr, want) in table {
+            assert_eq!(ev(&format!("#{{{expr}}}")), want, "{expr}");
+        }
+        assert_eq!(ev("a #{'b'} c #{1} d"), "a b c 1 d");
+        assert_eq!(
+            ev("no expressions, # and { } stay"),
+            "no expressions, # and { } stay"
+        );
+        assert_eq!(ev(""), "");
+    }
+
+    #[test]
+    fn references_runtime_fields_and_parameters() {
+        assert_eq!(ev("#{@scheduledStartTime}"), "2012-12-12T00:00:00");
+        assert_eq!(
+            ev("/tmp/stdout:#{@scheduledStartTime}"),
+            "/tmp/stdout:2012-12-12T00:00:00"
+        );
+        assert_eq!(ev("#{input.directoryPath}"), "s3://bucket/2012-12-12");
+        assert_eq!(ev("#{input.myPrefix}"), "s3://bucket/2012-12-12/part");
+        assert_eq!(ev("#{output.input.directoryPath}"), "s3://bucket/2012-12-12");
+        assert_eq!(ev("#{input}"), "In");
+        assert_eq!(ev("#{input.@id}"), "In");
+        assert_eq!(ev("#{(input).directoryPath}"), "s3://bucket/2012-12-12");
+        assert_eq!(ev("#{command}"), "echo 2012-12-12T00:00:00");
+        assert_eq!(ev("#{name} #{id} #{@id}"), "ActName Act Act");
+        assert_eq!(ev("#{myParam}"), "p1");
+        assert_eq!(ev("#{myCount}"), "5");
+        assert_eq!(
+            ev("#{@scheduledStartTime.format('YYYY-MM-dd HH:mm:ss')}"),
+            "2012-12-12 00:00:00"
+        );
+        // DG:dp-pipeline-expressions.md, nested expressions.
+        assert_eq!(
+            ev("#{format(minusMinutes(@scheduledStartTime,30),'YYYY-MM-dd hh:mm:ss')}"),
+            "2012-12-11 11:30:00"
+        );
+        assert_eq!(
+            ev("#{minusMinutes(@scheduledStartTime,30).format('HH:mm')}"),
+            "23:30"
+        );
+        // A field that is one expression keeps its DateTime type.
+        assert_eq!(ev("#{myLater.format('dd')}"), "13");
+        assert_eq!(ev("#{format(myLater, 'dd')}"), "13");
+        assert_eq!(ev("#{  day( myDateTime )  }"), "24");
+    }
+
+    #[test]
+    fn parent_means_the_component() {
+        // DG:dp-pipeline-expressions.md: `s3://mybucket/#{parent.@id}.csv` gives `ExampleDataNode.csv`.
+        assert_eq!(
+            eval_in("ExampleDataNode", "#{filePath}").unwrap(),
+            "s3://mybucket/ExampleDataNode.csv"
+        );
+        assert_eq!(
+            eval_in("@Act_2012-12-12T00:00:00", "#{parent.@id}").unwrap(),
+            "Act"
+        );
+        assert_eq!(
+            eval_in("@Act_2012-12-12T00:00:00_Attempt=1", "#{parent.@id}").unwrap(),
+            "Act"
+        );
+        assert_eq!(
+            eval_in("@Act_2012-12-12T00:00:00", "#{parent.input.directoryPath}").unwrap(),
+            "s3://bucket/2012-12-12"
+        );
+        assert_eq!(eval_in("Child", "#{parent.myBaseField}").unwrap(), "base");
+    }
+
+    #[test]
+    fn node_is_the_referrer_of_alarms_and_preconditions() {
+        assert_eq!(
+            eval_in("Alarm", "#{message}").unwrap(),
+            "Error for interval 2012-12-12T00:00:00..2012-12-13T00:00:00."
+        );
+        assert_eq!(
+            eval_in("Alarm", "#{subject}").unwrap(),
+            "S3 bucket 's3://out' failed"
+        );
+        assert_eq!(eval_in("Pre", "#{command}").unwrap(), "test 2012-12-12T00:00:00");
+        assert_eq!(
+            eval_in(
+                "Pre",
+                "#{format(minusMinutes(node.@scheduledStartTime,30),'YYYY-MM-dd hh:mm:ss')}"
+            )
+            .unwrap(),
+            "2012-12-11 11:30:00"
+        );
+        // An explicit `node` reference (what the store puts on instances) wins.
+        let mut objects = objects();
+        objects.insert("PreInstance".into(), obj("PreInstance", &[], &[("node", "In")]));
+        let params = params();
+        let scope = Scope {
+            objects: &objects,
+            current: "PreInstance",
+            params: &params,
+        };
+        assert_eq!(evaluate("#{node.@id}", &scope).unwrap(), "In");
+
+        let e = eval_in("Lonely", "#{note}").unwrap_err().to_string();
+        assert!(e.contains("`node` is only available"), "{e}");
+        let e = eval_in("Shared", "#{node.@id}").unwrap_err().to_string();
+        assert!(
+            e.contains("ambiguous") && e.contains("User1") && e.contains("User2"),
+            "{e}"
+        );
+    }
+
+    /// DG:dp-pipeline-expressions.md, "Lists".
+    #[test]
+    fn lists_map_and_flatten() {
+        assert_eq!(
+            list_in("Act", "#{'this is ' + myList}").unwrap(),
+            ["this is one", "this is two"]
+        );
+        assert_eq!(ev("#{'this is ' + myList}"), "this is one,this is two");
+        assert_eq!(
+            list_in("Act", "#{myList1 + myList2}").unwrap(),
+            ["1", "2", "3", "4"]
+        );
+        // Two list-valued expressions in one string are each joined with `,`.
+        assert_eq!(ev("[#{myList1}, #{myList2}]"), "[1,2, 3,4]");
+        assert_eq!(
+            list_in("Act", "s3://b/#{myList}/x").unwrap(),
+            ["s3://b/one/x", "s3://b/two/x"]
+        );
+        assert_eq!(list_in("Act", "#{myMulti}").unwrap(), ["x", "y"]);
+        assert_eq!(list_in("Act", "#{myList1 * 10}").unwrap(), ["10", "20"]);
+        assert_eq!(list_in("Act", "#{myList + '!'}").unwrap(), ["one!", "two!"]);
+        assert_eq!(list_in("Act", "plain").unwrap(), ["plain"]);
+        assert!(matches!(err("#{myList1 * myList2}"), ExprError::Type { .. }));
+    }
+
+    #[test]
+    fn evaluate_object_evaluates_strings_and_keeps_the_rest() {
+        let objects = objects();
+        let params = params();
+        let scope = Scope {
+            objects: &objects,
+            current: "Merged",
+            params: &params,
+        };
+        // Not in `objects`, like an attempt merged with its component.
+        let merged = PipelineObject {
+            id: "Merged".into(),
+            name: "#{name}".into(),
+            fields: vec![
+                Field::string("type", "#{notEvaluated}"),
+                Field::string("@sphere", "ATTEMPT"),
+                Field::string("@scheduledStartTime", "2012-12-12T00:00:00"),
+                Field::string(
+                    "command",
+                    "echo #{format(@scheduledStartTime, 'YYYY')} #{input.directoryPath}",
+                ),
+                Field::reference("input", "In"),
+                Field::string("scriptArgument", "#{myMulti}"),
+                Field::string("scriptArgument", "last"),
+                Field::string("plain", "no expression"),
+            ],
+        };
+        let out = evaluate_object(&merged, &scope).unwrap();
+        assert_eq!(out.id, "Merged");
+        assert_eq!(out.name, "#{name}");
+        assert_eq!(out.get("type"), Some("#{notEvaluated}"));
+        assert_eq!(out.get("command"), Some("echo 2012 s3://bucket/2012-12-12"));
+        assert_eq!(out.get_ref("input"), Some("In"));
+        assert_eq!(
+            out.get_all("scriptArgument").collect::<Vec<_>>(),
+            ["x", "y", "last"]
+        );
+        assert_eq!(out.get("plain"), Some("no expression"));
+        assert_eq!(out.fields.len(), merged.fields.len() + 1);
+
+        let bad = obj("Bad", &[("command", "echo #{nope}")], &[]);
+        match evaluate_object(&bad, &scope).unwrap_err() {
+            ExprError::InField { object, field, cause } => {
+                assert_eq!((object.as_str(), field.as_str()), ("Bad", "command"));
+                assert!(matches!(*cause, ExprError::UnknownField { ref field, .. } if field == "nope"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_name_what_failed_and_where() {
+        let cases: Vec<(&str, &str)> = vec![
+            (
+                "#{noSuchFunction(1)}",
+                "unknown function `noSuchFunction` in `#{noSuchFunction(1)}`",
+            ),
+            (
+                "#{myMissing}",
+                "unknown field `myMissing` in `#{myMissing}`: object `Act`",
+            ),
+            (
+                "#{input.nope}",
+                "unknown field `nope` in `#{input.nope}`: object `In`",
+            ),
+            ("x #{day(myDateTime)", "unterminated expression"),
+            ("#{}", "empty expression"),
+            ("#{1 +}", "expected a value, found the end of the expression"),
+            ("#{(1}", "expected `)`"),
+            ("#{1 2}", "unexpected number 2"),
+            ("#{day(myDateTime,}", "expected a value"),
+            ("#{'abc}", "unterminated string literal"),
+            ("#{a $ b}", "unexpected character '$'"),
+            ("#{12abc}", "malformed number"),
+            ("#{day('abc')}", "int day(DateTime): invalid date-time \"abc\""),
+            ("#{'a' - 1}", "\"a\" is a string, not a number"),
+            ("#{myDateTime.year}", "`myDateTime` is a string, not a reference"),
+            ("#{plusDays(myDateTime,1) + 1}", "cannot add a DateTime"),
+            ("#{day(myDateTime, 2)}", "day() takes 1 argument, 2 given"),
+            ("#{format(myDateTime)}", "format() takes 2 arguments, 1 given"),
+            ("#{format(myDateTime, 5)}", "wants a pattern string"),
+            (
+                "#{output.input.@scheduledStartTime}",
+                "cannot be read through more than one reference",
+            ),
+        ];
+        for (template, needle) in cases {
+            let e = eval_in("Act", template).expect_err(template).to_string();
+            assert!(e.contains(needle), "{template}: {e}");
+        }
+        let e = eval_in("Loop", "#{myA}").unwrap_err().to_string();
+        assert!(
+            e.contains("circular reference: Loop.myA -> Loop.myB -> Loop.myA"),
+            "{e}"
+        );
+        let e = eval_in("Nobody", "#{x}").unwrap_err();
+        assert!(
+            matches!(e, ExprError::UnknownObject { ref object, .. } if object == "Nobody"),
+            "{e}"
+        );
+        // An error inside a referenced field says which field.
+        let mut objects = objects();
+        objects.insert("Broken".into(), obj("Broken", &[("path", "#{day('x')}")], &[]));
+        objects.insert("User".into(), obj("User", &[], &[("input", "Broken")]));
+        let params = params();
+        let scope = Scope {
+            objects: &objects,
+            current: "User",
+            params: &params,
+        };
+        let e = evaluate("#{input.path}", &scope).unwrap_err().to_string();
+        assert!(
+            e.starts_with("field `path` of object `Broken`: type error in `#{day('x')}`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn closing_brace_inside_quotes_does_not_end_the_expression() {
+        assert_eq!(
+            split_template("a#{format(x,'}')}b").unwrap(),
+            vec![Piece::Text("a"), Piece::Expr("format(x,'}')"), Piece::Text("b")]
+        );
+        assert_eq!(ev("#{'}' + \"}\"}"), "}}");
+        assert_eq!(ev("#{format(myDateTime,'HH}')}"), "17}");
+    }
+
+    #[test]
+    fn encrypted_field_names_and_multiplication() {
+        let mut objects = objects();
+        objects.insert(
+            "Db".into(),
+            obj("Db", &[("*password", "secret"), ("myN", "3")], &[]),
+        );
+        let params = params();
+        let scope = Scope {
+            objects: &objects,
+            current: "Db",
+            params: &params,
+        };
+        assert_eq!(evaluate("#{*password}", &scope).unwrap(), "secret");
+        assert_eq!(evaluate("#{myN*2}", &scope).unwrap(), "6");
+        let e = evaluate("#{myN * *password}", &scope).unwrap_err().to_string();
+        // The value of an encrypted field is never quoted in an error.
+        assert!(
+            e.contains("encrypted (*) field is not a number") && !e.contains("secret"),
+            "{e}"
+        );
+        let e = evaluate("#{day(*password)}", &scope).unwrap_err().to_string();
+        assert!(e.contains("not a date-time") && !e.contains("secret"), "{e}");
+        assert_eq!(evaluate("#{'pw=' + *password}", &scope).unwrap(), "pw=secret");
+    }
+
+    #[test]
+    fn java_double_rendering() {
+        for (v, s) in [
+            (4.0, "4.0"),
+            (0.5, "0.5"),
+            (-2.25, "-2.25"),
+            (0.0, "0.0"),
+            (1e7, "1.0E7"),
+            (1.5e-4, "1.5E-4"),
+            (123456.0, "123456.0"),
+            (f64::INFINITY, "Infinity"),
+        ] {
+            assert_eq!(java_double(v), s);
+        }
+    }
+
+    /// Hostile input must give an error, never a panic or a stack overflow (release builds abort on
+    /// panic, and the server evaluates user-supplied definitions).
+    #[test]
+    fn deep_or_long_input_is_refused_not_crashed() {
+        let deep = [
+            format!("#{{{}1{}}}", "(".repeat(5000), ")".repeat(5000)),
+            format!("#{{1{}}}", "+1".repeat(5000)),
+            format!("#{{{}1}}", "-".repeat(5000)),
+            format!("#{{{}2}}", "2^".repeat(5000)),
+            format!("#{{{}1{}}}", "day(".repeat(5000), ")".repeat(5000)),
+            format!("#{{myDateTime{}}}", ".format('y')".repeat(5000)),
+        ];
+        for t in deep {
+            let e = eval_in("Act", &t).unwrap_err().to_string();
+            assert!(e.contains("nested more than"), "{}: {e}", &t[..20]);
+        }
+        // Moderate nesting still works.
+        assert_eq!(ev(&format!("#{{{}1{}}}", "(".repeat(20), ")".repeat(20))), "1");
+    }
+
+    /// A cheap fuzz: random templates over the language's alphabet never panic, and whatever
+    /// evaluates also evaluates the same way twice (no hidden state).
+    #[test]
+    fn random_templates_never_panic() {
+        let atoms = [
+            "#{",
+            "}",
+            "(",
+            ")",
+            "'",
+            "\"",
+            "\\",
+            "+",
+            "-",
+            "*",
+            "/",
+            "^",
+            ",",
+            ".",
+            "1",
+            "2.5",
+            ".5",
+            " ",
+            "myDateTime",
+            "myList",
+            "myCount",
+            "input",
+            "node",
+            "parent",
+            "@id",
+            "@scheduledStartTime",
+            "format",
+            "day",
+            "plusDays",
+            "makeDate",
+            "'YYYY'",
+            "'x'",
+            "myParam",
+            "myMulti",
+            "zz",
+            "é",
+            "#",
+            "{",
+            "myA",
+            "0",
+        ];
+        let (objects, params) = (objects(), params());
+        let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            // xorshift64*
+            seed ^= seed >> 12;
+            seed ^= seed << 25;
+            seed ^= seed >> 27;
+            seed.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        };
+        let mut ok = 0;
+        for _ in 0..20_000 {
+            let len = (next() % 12) as usize;
+            let mut t = String::from("#{");
+            for _ in 0..len {
+                t.push_str(atoms[(next() % atoms.len() as u64) as usize]);
+            }
+            if next() % 2 == 0 {
+                t.push('}');
+            }
+            let current = ["Act", "Alarm", "Loop", "In"][(next() % 4) as usize];
+            let scope = Scope {
+                objects: &objects,
+                current,
+                params: &params,
+            };
+            let first = evaluate(&t, &scope);
+            assert_eq!(first, evaluate(&t, &scope), "{t}");
+            ok += usize::from(first.is_ok());
+        }
+        // The generator does reach the evaluator, not only the syntax errors.
+        assert!(ok > 100, "only {ok} random templates evaluated");
+    }
 }
