@@ -769,7 +769,11 @@ fn build(cli: &Cli, origin: LoadOrigin, creds: Creds) -> Result<Settings, Config
     }
     let instance = match instance_name {
         Some(i) => {
-            v.sources.insert("instance".into(), instance_src.to_string());
+            let src = match instance_src {
+                Source::Default => "from worker-group".to_string(),
+                other => other.to_string(),
+            };
+            v.sources.insert("instance".into(), src);
             i
         }
         None => {
@@ -1309,7 +1313,7 @@ pub fn render_check(s: &Settings) -> String {
         ),
         ("exit-after-idle", opt(&s.exit_after_idle.map(format_duration))),
     ]);
-    let width = rows.iter().map(|(k, v)| k.len() + v.len()).max().unwrap_or(0) + 3;
+    let width = rows.iter().map(|(k, v)| k.len() + v.len()).max().unwrap_or(0) + 5;
     let mut out = String::new();
     out.push_str("# settings files read: ");
     if s.settings_files.is_empty() {
@@ -1320,7 +1324,7 @@ pub fn render_check(s: &Settings) -> String {
     }
     out.push('\n');
     for (k, val) in rows {
-        let src = s.sources.get(k).map(String::as_str).unwrap_or("-");
+        let src = s.sources.get(k).map(String::as_str).unwrap_or("default");
         let line = format!("{k} = {val}");
         out.push_str(&format!("{line:<width$}# {src}\n"));
     }

@@ -89,6 +89,7 @@ fn command_line_alone_with_defaults() {
     assert_eq!(s.sources["worker-group"], "--workerGroup");
     assert_eq!(s.sources["region"], "default");
     assert_eq!(s.sources["endpoint"], "from region");
+    assert_eq!(s.sources["instance"], "from worker-group");
     assert_eq!(s.settings_files, vec![fx.path("config.toml")]);
     assert!(s.warnings.is_empty(), "{:?}", s.warnings);
 }
@@ -189,6 +190,7 @@ fn precedence_flag_over_env_over_instance_over_fragments_over_main() {
     // --instance picks another instance file.
     let s = fx.env("TASKRUNNER_TASKS", "").load(&["--instance", "other"]);
     assert_eq!(s.instance, "other");
+    assert_eq!(s.sources["instance"], "--instance");
     assert_eq!(s.tasks.get(), 42);
 }
 
@@ -657,6 +659,11 @@ fn check_config_lists_every_value_with_its_source() {
         "{text}"
     );
     assert!(line("kill-grace").ends_with("# default"), "{text}");
+    assert!(line("taskrunner-id").ends_with("  # default"), "{text}");
+    assert!(
+        text.lines().all(|l| l.starts_with('#') || l.contains("  # ")),
+        "{text}"
+    );
     assert!(line("endpoint").contains("https://datapipeline.eu-west-1.amazonaws.com"));
     assert!(line("credentials").contains("default chain"));
     for (key, _) in KEYS.iter().filter(|(k, _)| !k.starts_with("proxy.")) {
