@@ -1134,6 +1134,18 @@ fn resolve_proxy(
             }
         }
     }
+    if let Source::File { path, .. } = v.source("proxy.password") {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(m) = std::fs::metadata(&path) {
+            if m.permissions().mode() & 0o004 != 0 {
+                warnings.push(format!(
+                    "{} holds proxy.password and is readable by every user; fix it with: chmod o-r {}",
+                    path.display(),
+                    path.display()
+                ));
+            }
+        }
+    }
     if v.source("proxy.password") == Source::Flag("--proxyPassword") {
         warnings.push(
             "--proxyPassword on the command line is visible to every user in `ps`; \

@@ -603,10 +603,12 @@ fn proxies_ntlm_and_https_proxy() {
 fn secrets_are_redacted_in_debug_and_check_output() {
     let fx = Fx::new();
     let file = fx.creds("c.json", 0o600);
-    fx.write(
+    let conf = fx.write(
         "config.toml",
         &format!("[proxy]\nurl = \"http://p:1\"\npassword = \"{PROXY_SECRET}\"\n"),
     );
+    // world-readable on purpose: the loader warns about a password others can read
+    std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o644)).unwrap();
     for args in [
         vec![
             "--workerGroup=w".to_string(),
@@ -627,6 +629,11 @@ fn secrets_are_redacted_in_debug_and_check_output() {
             assert!(!text.contains(PROXY_SECRET), "{text}");
         }
         assert!(check.contains("proxy.password = \"<redacted>\""), "{check}");
+        assert!(
+            s.warnings.iter().any(|w| w.contains("chmod o-r")),
+            "{:?}",
+            s.warnings
+        );
     }
 }
 
