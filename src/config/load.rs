@@ -410,7 +410,8 @@ fn env_layer(env: &BTreeMap<String, String>, warnings: &mut Vec<String>) -> Laye
     let mut layer = Layer::new();
     for (key, _) in KEYS {
         let var = env_name(key);
-        if let Some(v) = env.get(&var) {
+        // An empty variable counts as unset, as for most programs' environment settings.
+        if let Some(v) = env.get(&var).filter(|v| !v.trim().is_empty()) {
             layer.push((key, Raw::Str(v.clone()), Source::Env(var)));
         }
     }
@@ -634,6 +635,15 @@ enum Creds<'a> {
 /// problem is a [`ConfigError`] (exit 78).
 pub fn load(args: Vec<OsString>, env: &BTreeMap<String, String>) -> Result<Invocation, ConfigError> {
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    load_in(args, env, cwd)
+}
+
+/// [`load`] with relative paths resolved against `cwd`.
+pub(crate) fn load_in(
+    args: Vec<OsString>,
+    env: &BTreeMap<String, String>,
+    cwd: PathBuf,
+) -> Result<Invocation, ConfigError> {
     match cli::parse(&args).map_err(ConfigError::Usage)? {
         Parsed::Display(text) => {
             print!("{text}");
@@ -670,7 +680,13 @@ pub fn load_from_process() -> Result<Invocation, ConfigError> {
 pub fn reload(current: &Settings) -> Result<Settings, ConfigError> {
     let origin = current.origin.clone();
     match cli::parse(&origin.args).map_err(ConfigError::Usage)? {
-        Parsed::Cli(c) => build(&c, origin, Creds::Keep(&current.credentials)),
+        Parsed::Cli(c) => {
+            let mut s = build(&c, origin, Creds::Keep(&current.credentials))?;
+            if let Some(src) = current.sources.get("credentials") {
+                s.sources.insert("credentials".into(), src.clone());
+            }
+            Ok(s)
+        }
         Parsed::Display(_) => Err(ConfigError::Usage("--help/--version cannot be reloaded".into())),
     }
 }
@@ -753,7 +769,11 @@ fn build(cli: &Cli, origin: LoadOrigin, creds: Creds) -> Result<Settings, Config
     }
     let instance = match instance_name {
         Some(i) => {
-            v.sources.insert("instance".into(), instance_src.to_string());
+            let src = match instance_src {
+                Source::Default => "from worker-group".to_string(),
+                other => other.to_string(),
+            };
+            v.sources.insert("instance".into(), src);
             i
         }
         None => {
@@ -1104,18 +1124,25 @@ fn resolve_proxy(
     let mut username = v.string("proxy.username");
     let mut password = v.string("proxy.password").map(Secret::new);
     if username.is_none() && !parsed.username().is_empty() {
-        let dec = |s: &str| {
-            url::form_urlencoded::parse(format!("x={s}").as_bytes())
-                .next()
-                .map(|(_, v)| v.into_owned())
-                .unwrap_or_default()
-        };
+        let dec = |s: &str| percent_decode(s);
         username = Some(dec(parsed.username()));
         v.sources.insert("proxy.username".into(), src.to_string());
         if password.is_none() {
             if let Some(p) = parsed.password() {
                 password = Some(Secret::new(dec(p)));
                 v.sources.insert("proxy.password".into(), src.to_string());
+            }
+        }
+    }
+    if let Source::File { path, .. } = v.source("proxy.password") {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(m) = std::fs::metadata(&path) {
+            if m.permissions().mode() & 0o004 != 0 {
+                warnings.push(format!(
+                    "{} holds proxy.password and is readable by every user; fix it with: chmod o-r {}",
+                    path.display(),
+                    path.display()
+                ));
             }
         }
     }
@@ -1148,6 +1175,26 @@ fn resolve_proxy(
         password,
         no_proxy,
     }))
+}
+
+/// Decodes `%XX` escapes of a URL's user info (not `+`: that is form encoding, not URL encoding).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The credentials, in this order: `--accessId/--secretKey`, `credentials-file` (`--config`, env,
@@ -1278,7 +1325,7 @@ pub fn render_check(s: &Settings) -> String {
         ),
         ("exit-after-idle", opt(&s.exit_after_idle.map(format_duration))),
     ]);
-    let width = rows.iter().map(|(k, v)| k.len() + v.len()).max().unwrap_or(0) + 3;
+    let width = rows.iter().map(|(k, v)| k.len() + v.len()).max().unwrap_or(0) + 5;
     let mut out = String::new();
     out.push_str("# settings files read: ");
     if s.settings_files.is_empty() {
@@ -1289,7 +1336,7 @@ pub fn render_check(s: &Settings) -> String {
     }
     out.push('\n');
     for (k, val) in rows {
-        let src = s.sources.get(k).map(String::as_str).unwrap_or("-");
+        let src = s.sources.get(k).map(String::as_str).unwrap_or("default");
         let line = format!("{k} = {val}");
         out.push_str(&format!("{line:<width$}# {src}\n"));
     }
@@ -1311,3 +1358,6 @@ pub fn render_check(s: &Settings) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests;
