@@ -167,10 +167,8 @@ fn validate(settings: Option<&std::path::Path>, daemon_args: &[std::ffi::OsStrin
         .collect();
     match crate::config::load(args, &env) {
         Ok(crate::config::Invocation::CheckConfig(s) | crate::config::Invocation::Run(s)) => {
+            // The listing ends with the settings' warnings itself.
             print!("{}", crate::config::render_check(&s));
-            for w in &s.warnings {
-                eprintln!("warning: {w}");
-            }
             Ok(())
         }
         Err(e) => Err(Failure {
