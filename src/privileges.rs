@@ -345,7 +345,7 @@ mod tests {
     #[test]
     fn numeric_ids_resolve() {
         assert_eq!(lookup_user("0").unwrap().name, "root");
-        assert!(lookup_group("0").unwrap().gid.is_root());
+        assert_eq!(lookup_group("0").unwrap().gid.as_raw(), 0);
     }
 
     #[test]

@@ -356,3 +356,29 @@ async fn only_root_or_the_service_user_may_drain() {
     assert_eq!(o.status.code(), Some(0), "root may resume: {}", text(&o));
     assert_eq!(*d.seen.lock().unwrap(), vec!["drain", "resume"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validate_uses_the_daemons_loader() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tmp.path().join("good.toml");
+    std::fs::write(&good, "worker-group = \"wg-valid\"\ntasks = 3\n").unwrap();
+    let o = ctl(&["validate", "--settings", rd(&good)], None).await;
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(t.contains("worker-group = \"wg-valid\""), "{t}");
+    assert!(t.lines().any(|l| l.starts_with("tasks = 3 ")), "{t}");
+    // Daemon options after `--` count as on the daemon's command line.
+    let o = ctl(&["validate", "--settings", rd(&good), "--", "--tasks=5"], None).await;
+    let t = text(&o);
+    assert!(t.lines().any(|l| l.starts_with("tasks = 5 ")), "{t}");
+
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(&bad, "worker-group = \"wg-valid\"\ntasks = \"many\"\n").unwrap();
+    let o = ctl(&["validate", "--settings", rd(&bad)], None).await;
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(78), "{t}");
+    assert!(
+        t.contains("bad.toml") && t.contains("tasks"),
+        "the error names file and key: {t}"
+    );
+}

@@ -4,15 +4,12 @@
 #[path = "service_support/mod.rs"]
 mod support;
 
-use std::num::NonZeroUsize;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::time::Duration;
 
 use nix::unistd::{Gid, Uid};
 use support::{is_root, run_self, tagged, TestUser};
-use taskrunner::config::{KeepWorkdirs, Settings};
+use taskrunner::config::{self, Settings};
 use taskrunner::privileges::{self, PrivError};
 
 const CHILD_USER: &str = "TASKRUNNER_TEST_DROP_TO";
@@ -92,37 +89,27 @@ fn drop_to_unknown_user_names_it() {
     assert!(e.to_string().contains("no-such-user-for-taskrunner"), "{e}");
 }
 
+/// Settings as the daemon loads them (an empty settings file and the jar's two required
+/// options), then `user` and `allow-root` as the test needs.
 fn settings(user: Option<&str>, allow_root: bool) -> Settings {
-    Settings {
-        instance: "test".into(),
-        worker_group: "wg-test".into(),
-        region: "us-east-1".into(),
-        endpoint: "http://127.0.0.1:1".into(),
-        taskrunner_id: None,
-        tasks: NonZeroUsize::new(2).unwrap(),
-        precondition_tasks: NonZeroUsize::new(2).unwrap(),
-        output_dir: PathBuf::from("/nonexistent"),
-        state_dir: PathBuf::from("/nonexistent"),
-        runtime_dir: PathBuf::from("/nonexistent"),
-        log_uri: None,
-        proxy: None,
-        ca_bundle: None,
-        s3_endpoint: None,
-        credentials: taskrunner::credentials::CredentialSource::DefaultChain,
-        exit_after_tasks: None,
-        exit_after_idle: None,
-        progress_interval: Duration::from_secs(60),
-        heartbeat_interval: Duration::from_secs(900),
-        drain_timeout: Duration::from_secs(60),
-        kill_grace: Duration::from_secs(5),
-        user: user.map(str::to_string),
-        group: None,
-        allow_root,
-        log_level: "info".into(),
-        disk_budget_bytes: 0,
-        keep_workdirs: KeepWorkdirs::Never,
-        sources: Default::default(),
-    }
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("config.toml");
+    std::fs::write(&file, "").unwrap();
+    let args: Vec<std::ffi::OsString> = vec![
+        "taskrunner".into(),
+        "--workerGroup=wg-test".into(),
+        "--region=us-east-1".into(),
+        "--settings".into(),
+        file.into_os_string(),
+    ];
+    let mut s = match config::load(args, &Default::default()) {
+        Ok(config::Invocation::Run(s)) => *s,
+        other => panic!("settings did not load: {other:?}"),
+    };
+    s.user = user.map(str::to_string);
+    s.group = None;
+    s.allow_root = allow_root;
+    s
 }
 
 #[test]

@@ -7,7 +7,8 @@
 //! the only instance found is used.
 //!
 //! Exit codes: 0 done, 1 refused or failed, 2 usage (several instances and none named, too),
-//! 3 ([`crate::exit::NOT_RUNNING`]) when no daemon answers, like `systemctl status`.
+//! 3 ([`crate::exit::NOT_RUNNING`]) when no daemon answers, like `systemctl status`, 78
+//! ([`crate::exit::CONFIG`]) when `validate` finds an error.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -63,6 +64,16 @@ enum Cmd {
     },
     /// Take tasks again after a drain.
     Resume { instance: Option<String> },
+    /// Check the daemon's configuration without starting it (the daemon's `--check-config`):
+    /// prints every effective setting and where it came from; exit 78 on an error.
+    Validate {
+        /// The settings file to check [default: /etc/taskrunner/config.toml].
+        #[arg(long, value_name = "FILE")]
+        settings: Option<PathBuf>,
+        /// More of the daemon's options, as its unit passes them (e.g. `-- --workerGroup=wg-1`).
+        #[arg(last = true, value_name = "DAEMON ARGS")]
+        daemon_args: Vec<std::ffi::OsString>,
+    },
 }
 
 /// Runs the command line in `std::env::args` and returns the exit code.
@@ -134,8 +145,37 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let s = connect(&cli, instance.as_deref())?.resume()?;
             println!("{}: {}", label(&s), s.state);
         }
+        Cmd::Validate {
+            settings,
+            daemon_args,
+        } => validate(settings.as_deref(), daemon_args)?,
     }
     Ok(())
+}
+
+/// The daemon's own loader with `--check-config`, so that `validate` and the daemon can never
+/// disagree about a file.
+fn validate(settings: Option<&std::path::Path>, daemon_args: &[std::ffi::OsString]) -> Result<(), Failure> {
+    let mut args: Vec<std::ffi::OsString> = vec!["taskrunner".into(), "--check-config".into()];
+    if let Some(f) = settings {
+        args.push("--settings".into());
+        args.push(f.as_os_str().to_owned());
+    }
+    args.extend(daemon_args.iter().cloned());
+    let env: std::collections::BTreeMap<String, String> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect();
+    match crate::config::load(args, &env) {
+        Ok(crate::config::Invocation::CheckConfig(s) | crate::config::Invocation::Run(s)) => {
+            // The listing ends with the settings' warnings itself.
+            print!("{}", crate::config::render_check(&s));
+            Ok(())
+        }
+        Err(e) => Err(Failure {
+            code: e.exit_code(),
+            message: format!("invalid configuration: {e}"),
+        }),
+    }
 }
 
 fn label(s: &StatusSnapshot) -> &str {

@@ -545,7 +545,8 @@ pub fn runtime_bases() -> Vec<PathBuf> {
 /// The runtime base of daemons started as root.
 pub const SYSTEM_RUNTIME_BASE: &str = "/run/taskrunner";
 
-/// Every `<base>/<instance>/control.sock` under `bases`, as `(instance, socket path)`, sorted.
+/// Every `<base>/<instance>/control.sock` under `bases`, as `(instance, socket path)`, sorted
+/// (with those in directories this user may not enter).
 pub fn discover(bases: &[PathBuf]) -> Vec<(String, PathBuf)> {
     let mut found = Vec::new();
     for base in bases {
@@ -554,10 +555,13 @@ pub fn discover(bases: &[PathBuf]) -> Vec<(String, PathBuf)> {
         };
         for e in entries.flatten() {
             let sock = e.path().join(SOCKET_NAME);
-            let is_socket = std::fs::symlink_metadata(&sock)
-                .map(|m| m.file_type().is_socket())
-                .unwrap_or(false);
-            if is_socket {
+            // A directory we may not enter still counts: connecting then says "permission
+            // denied", which is truer than "not running".
+            let listed = match std::fs::symlink_metadata(&sock) {
+                Ok(m) => m.file_type().is_socket(),
+                Err(e) => e.kind() == std::io::ErrorKind::PermissionDenied,
+            };
+            if listed {
                 found.push((e.file_name().to_string_lossy().into_owned(), sock));
             }
         }

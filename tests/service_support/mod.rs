@@ -79,10 +79,11 @@ pub fn run_self(entry: &str, envs: &[(&str, &str)]) -> Output {
     c.output().expect("the test binary re-runs itself")
 }
 
-/// The lines a child printed with `prefix`, prefix removed.
+/// The lines a child printed with `prefix`, from the prefix on, prefix removed.
 pub fn tagged(out: &Output, prefix: &str) -> Vec<String> {
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter_map(|l| l.strip_prefix(prefix).map(str::to_string))
+        // libtest may print `test name ... ` on the same line first.
+        .filter_map(|l| l.find(prefix).map(|i| l[i + prefix.len()..].to_string()))
         .collect()
 }
