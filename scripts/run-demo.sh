@@ -36,6 +36,14 @@ PIPELINE=$("$BIN/datapipeline-local" submit --endpoint "$URL" --credentials "$WO
   examples/create-directory.json)
 echo "== submitted examples/create-directory.json as pipeline $PIPELINE"
 
+# Keep the attempt's working directory, so that the directory the task created can be shown.
+export TASKRUNNER_KEEP_WORKDIRS=always
+if [ "$(id -u)" = 0 ]; then
+  # taskrunner refuses to run tasks as root unless told so. A service runs them as the `taskrunner` user;
+  # this demo, started by root by hand, says explicitly that its one task may run as root.
+  echo "== you are root: this demo sets TASKRUNNER_USER=root TASKRUNNER_ALLOW_ROOT=true (a service never needs it)"
+  export TASKRUNNER_USER=root TASKRUNNER_ALLOW_ROOT=true
+fi
 echo "== running taskrunner --workerGroup=wg-12345 until one task is handled"
 (cd "$WORK" && "$OLDPWD/$BIN/taskrunner" --config credentials.json --workerGroup=wg-12345 --region=us-east-1 \
   --endpoint "$URL" --exit-after-tasks 1 --exit-after-idle 120s --settings /dev/null) || {
@@ -49,5 +57,7 @@ echo "== logs:"
 echo "   hourly runner log:  $(ls -d "$WORK"/output/logs/TaskRunner.log.* 2>/dev/null | head -1)"
 echo "   attempt logs:       $(dirname "$(find "$WORK/output/tasks" -name stdout 2>/dev/null | head -1)" 2>/dev/null)"
 echo "   endpoint's log:     $WORK/datapipeline-local.log"
+CREATED=$(find "$WORK/output" -type d -name created-directory 2>/dev/null | head -1)
+echo "== the task created: ${CREATED:-(nothing found)}"
 grep -q FINISHED <<<"$RUNS" || { echo "the attempt did not end FINISHED" >&2; exit 1; }
 echo "== FINISHED"
