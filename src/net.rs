@@ -433,7 +433,10 @@ pub async fn credentials_provider(
 
 /// The S3 client from an [`SdkConfig`]: with `Settings.s3_endpoint`, that endpoint and path-style
 /// addressing (local S3 implementations serve no virtual-host buckets).
-pub fn s3_client_from(sdk: &SdkConfig, settings: impl Into<NetSettings>) -> Result<aws_sdk_s3::Client, NetError> {
+pub fn s3_client_from(
+    sdk: &SdkConfig,
+    settings: impl Into<NetSettings>,
+) -> Result<aws_sdk_s3::Client, NetError> {
     let settings = &settings.into();
     let mut b = aws_sdk_s3::config::Builder::from(sdk);
     if settings.s3_no_proxy {

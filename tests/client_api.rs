@@ -35,7 +35,14 @@ const SECRET: &str = "client-test-secret-key-0123456789";
 fn hermetic_env() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        for v in ["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"] {
+        for v in [
+            "HTTP_PROXY",
+            "http_proxy",
+            "HTTPS_PROXY",
+            "https_proxy",
+            "ALL_PROXY",
+            "all_proxy",
+        ] {
             std::env::remove_var(v);
         }
         std::env::set_var("NO_PROXY", "*");
@@ -81,7 +88,9 @@ fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
 fn verify_sigv4(headers: &HeaderMap, body: &[u8], secret: &str) -> Result<Vec<String>, String> {
     let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
     let auth = h("authorization").ok_or("no authorization header")?;
-    let rest = auth.strip_prefix("AWS4-HMAC-SHA256 ").ok_or("not AWS4-HMAC-SHA256")?;
+    let rest = auth
+        .strip_prefix("AWS4-HMAC-SHA256 ")
+        .ok_or("not AWS4-HMAC-SHA256")?;
     let mut parts = HashMap::new();
     for p in rest.split(", ") {
         let (k, v) = p.split_once('=').ok_or("bad authorization part")?;
@@ -150,27 +159,37 @@ impl Endpoint {
             .push_back((status, body.into()));
     }
     fn ops(&self) -> Vec<String> {
-        self.requests.lock().unwrap().iter().map(|r| r.op.clone()).collect()
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| r.op.clone())
+            .collect()
     }
 }
 
-async fn endpoint_handler(State(st): State<Arc<Endpoint>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+async fn endpoint_handler(
+    State(st): State<Arc<Endpoint>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
     let target = headers
         .get("x-amz-target")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
     let op = target.strip_prefix("DataPipeline.").unwrap_or("").to_string();
-    let signed = match verify_sigv4(&headers, &body, SECRET) {
-        Ok(s) => s,
-        Err(why) => {
-            return (
+    let signed =
+        match verify_sigv4(&headers, &body, SECRET) {
+            Ok(s) => s,
+            Err(why) => return (
                 StatusCode::FORBIDDEN,
-                format!(r#"{{"__type":"com.amazon.coral.service#InvalidSignatureException","message":"{why}"}}"#),
+                format!(
+                    r#"{{"__type":"com.amazon.coral.service#InvalidSignatureException","message":"{why}"}}"#
+                ),
             )
-                .into_response()
-        }
-    };
+                .into_response(),
+        };
     let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
     st.requests.lock().unwrap().push(Recorded {
         op: op.clone(),
@@ -216,7 +235,9 @@ async fn endpoint_handler(State(st): State<Arc<Endpoint>>, headers: HeaderMap, b
 
 async fn start_endpoint() -> (String, Arc<Endpoint>) {
     let st = Arc::new(Endpoint::default());
-    let app = Router::new().route("/", post(endpoint_handler)).with_state(st.clone());
+    let app = Router::new()
+        .route("/", post(endpoint_handler))
+        .with_state(st.clone());
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
@@ -257,7 +278,10 @@ async fn signed_calls_round_trip() {
     let task = api.poll_for_task(&poll_req()).await.unwrap().expect("a task");
     assert_eq!(task.task_id, "task-1");
     let attempt = &task.objects["@A_2026-11-30T00:00:00_Attempt=1"];
-    assert_eq!(attempt.get_all("scriptArgument").collect::<Vec<_>>(), ["first", "second"]);
+    assert_eq!(
+        attempt.get_all("scriptArgument").collect::<Vec<_>>(),
+        ["first", "second"]
+    );
 
     ep.push("ReportTaskProgress", 200, r#"{"canceled":true}"#);
     assert!(api
@@ -304,8 +328,19 @@ async fn signed_calls_round_trip() {
     for r in &reqs {
         assert_eq!(r.content_type.as_deref(), Some("application/x-amz-json-1.1"));
         assert_eq!(r.token.as_deref(), Some("SESSION-TOKEN"));
-        for h in ["content-type", "host", "x-amz-date", "x-amz-target", "x-amz-security-token"] {
-            assert!(r.signed.iter().any(|s| s == h), "{} not signed in {:?}", h, r.signed);
+        for h in [
+            "content-type",
+            "host",
+            "x-amz-date",
+            "x-amz-target",
+            "x-amz-security-token",
+        ] {
+            assert!(
+                r.signed.iter().any(|s| s == h),
+                "{} not signed in {:?}",
+                h,
+                r.signed
+            );
         }
     }
     assert_eq!(reqs[0].body["workerGroup"], "wg-client");
@@ -355,9 +390,19 @@ async fn errors_are_classified_over_http() {
         400,
         r#"{"__type":"com.amazon.setl.webservice#TaskNotFoundException","message":"no such task"}"#,
     );
-    ep.push("ReportTaskProgress", 400, r#"{"__type":"PipelineDeletedException"}"#);
-    assert_eq!(api.poll_for_task(&poll_req()).await.unwrap_err().kind, ApiErrorKind::Server(503));
-    assert_eq!(api.poll_for_task(&poll_req()).await.unwrap_err().kind, ApiErrorKind::Throttled);
+    ep.push(
+        "ReportTaskProgress",
+        400,
+        r#"{"__type":"PipelineDeletedException"}"#,
+    );
+    assert_eq!(
+        api.poll_for_task(&poll_req()).await.unwrap_err().kind,
+        ApiErrorKind::Server(503)
+    );
+    assert_eq!(
+        api.poll_for_task(&poll_req()).await.unwrap_err().kind,
+        ApiErrorKind::Throttled
+    );
     let e = api
         .set_task_status(&StatusReport {
             task_id: "gone".into(),
@@ -513,7 +558,10 @@ async fn imds_identity_is_fetched_once_and_sent_with_the_poll() {
     api.poll_for_task(&req).await.unwrap();
     let body = ep.requests.lock().unwrap()[0].body.clone();
     assert_eq!(body["instanceIdentity"]["signature"], "SIGNATURE==");
-    assert!(body["instanceIdentity"]["document"].as_str().unwrap().contains("i-0123"));
+    assert!(body["instanceIdentity"]["document"]
+        .as_str()
+        .unwrap()
+        .contains("i-0123"));
 }
 
 #[tokio::test]
@@ -526,7 +574,10 @@ async fn imds_absent_or_disabled_is_cached_as_none() {
     assert_eq!(imds.instance_identity().await, None);
     let t = std::time::Instant::now();
     assert_eq!(imds.instance_identity().await, None);
-    assert!(t.elapsed() < Duration::from_millis(100), "negative answer is cached");
+    assert!(
+        t.elapsed() < Duration::from_millis(100),
+        "negative answer is cached"
+    );
 
     let (md_url, md) = start_metadata().await;
     let imds = Imds::new(Some(md_url), true);
@@ -585,10 +636,17 @@ async fn proxy_conn(mut client: TcpStream, expected: &str, st: &Mutex<ProxyStats
     let mut lines = head.split("\r\n");
     let request_line = lines.next().unwrap_or("");
     let mut it = request_line.split(' ');
-    let (method, target, version) = (it.next().unwrap_or(""), it.next().unwrap_or(""), it.next().unwrap_or(""));
+    let (method, target, version) = (
+        it.next().unwrap_or(""),
+        it.next().unwrap_or(""),
+        it.next().unwrap_or(""),
+    );
     let headers: Vec<(String, String)> = lines
         .filter(|l| !l.is_empty())
-        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())))
+        .filter_map(|l| {
+            l.split_once(':')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        })
         .collect();
     let auth_ok = headers
         .iter()
@@ -602,14 +660,24 @@ async fn proxy_conn(mut client: TcpStream, expected: &str, st: &Mutex<ProxyStats
     }
     if method == "CONNECT" {
         let mut origin = TcpStream::connect(target).await?;
-        *st.lock().unwrap().forwarded.entry(target.to_string()).or_default() += 1;
-        client.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n").await?;
+        *st.lock()
+            .unwrap()
+            .forwarded
+            .entry(target.to_string())
+            .or_default() += 1;
+        client
+            .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+            .await?;
         origin.write_all(&rest).await?;
         tokio::io::copy_bidirectional(&mut client, &mut origin).await?;
         return Ok(());
     }
     let url = url::Url::parse(target).map_err(|e| std::io::Error::other(e.to_string()))?;
-    let hostport = format!("{}:{}", url.host_str().unwrap_or(""), url.port_or_known_default().unwrap_or(80));
+    let hostport = format!(
+        "{}:{}",
+        url.host_str().unwrap_or(""),
+        url.port_or_known_default().unwrap_or(80)
+    );
     let mut path = url.path().to_string();
     if let Some(q) = url.query() {
         path = format!("{path}?{q}");
@@ -617,7 +685,8 @@ async fn proxy_conn(mut client: TcpStream, expected: &str, st: &Mutex<ProxyStats
     let mut out = format!("{method} {path} {version}\r\n");
     for (k, v) in &headers {
         let lk = k.to_ascii_lowercase();
-        if lk == "proxy-authorization" || lk == "proxy-connection" || lk == "connection" || lk == "keep-alive" {
+        if lk == "proxy-authorization" || lk == "proxy-connection" || lk == "connection" || lk == "keep-alive"
+        {
             continue;
         }
         out.push_str(&format!("{k}: {v}\r\n"));
@@ -705,26 +774,49 @@ async fn the_data_pipeline_and_s3_clients_both_go_through_the_proxy() {
     let api = HttpPipelineApi::from_settings(&ns).await.unwrap();
     ep.push("PollForTask", 200, TASK);
     assert!(api.poll_for_task(&poll_req()).await.unwrap().is_some());
-    api.report_task_runner_heartbeat("tr", "wg-client", "h").await.unwrap();
+    api.report_task_runner_heartbeat("tr", "wg-client", "h")
+        .await
+        .unwrap();
     let s3 = taskrunner::net::s3_client(&ns).await.unwrap();
     s3.create_bucket().bucket("proxied").send().await.unwrap();
     s3.put_object()
         .bucket("proxied")
         .key("hello.txt")
-        .body(aws_sdk_s3::primitives::ByteStream::from_static(b"hello through the proxy"))
+        .body(aws_sdk_s3::primitives::ByteStream::from_static(
+            b"hello through the proxy",
+        ))
         .send()
         .await
         .unwrap();
-    let got = s3.get_object().bucket("proxied").key("hello.txt").send().await.unwrap();
+    let got = s3
+        .get_object()
+        .bucket("proxied")
+        .key("hello.txt")
+        .send()
+        .await
+        .unwrap();
     let bytes = got.body.collect().await.unwrap().into_bytes();
     assert_eq!(&bytes[..], b"hello through the proxy");
 
     let dp_host = dp_url.trim_start_matches("http://").to_string();
-    let s3_host = moto.url.trim_start_matches("http://").trim_end_matches('/').to_string();
+    let s3_host = moto
+        .url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
     {
         let s = stats.lock().unwrap();
-        assert_eq!(s.forwarded.get(&dp_host).copied().unwrap_or(0), 2, "{:?}", s.forwarded);
-        assert!(s.forwarded.get(&s3_host).copied().unwrap_or(0) >= 3, "{:?}", s.forwarded);
+        assert_eq!(
+            s.forwarded.get(&dp_host).copied().unwrap_or(0),
+            2,
+            "{:?}",
+            s.forwarded
+        );
+        assert!(
+            s.forwarded.get(&s3_host).copied().unwrap_or(0) >= 3,
+            "{:?}",
+            s.forwarded
+        );
         assert_eq!(s.denied, 0);
     }
     assert_eq!(ep.ops(), ["PollForTask", "ReportTaskRunnerHeartbeat"]);
