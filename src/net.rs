@@ -15,7 +15,7 @@
 //! for http URLs, `NO_PROXY`; lower-case forms too), per
 //! `shared/reference/dp-guide/dp-taskrunner-proxy.md`.
 
-use crate::config::Settings;
+use crate::config::{ProxySettings, Settings};
 use crate::credentials::CredentialSource;
 use aws_config::{BehaviorVersion, SdkConfig};
 use aws_credential_types::provider::SharedCredentialsProvider;
@@ -30,6 +30,42 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const READ_TIMEOUT: Duration = Duration::from_secs(120);
 /// Link-local metadata endpoints (EC2 IMDS v4/v6, ECS task credentials): never proxied.
 pub const METADATA_NO_PROXY: &str = "169.254.169.254,fd00:ec2::254,169.254.170.2,169.254.170.23";
+
+/// The part of [`Settings`] that outbound clients need. Every function here accepts `&Settings`
+/// or a `NetSettings` (tests build one directly without the whole configuration).
+#[derive(Clone, Debug)]
+pub struct NetSettings {
+    pub region: String,
+    /// The Data Pipeline endpoint URL.
+    pub endpoint: String,
+    pub proxy: Option<ProxySettings>,
+    pub ca_bundle: Option<std::path::PathBuf>,
+    pub s3_endpoint: Option<String>,
+    /// The jar's `--s3NoProxy`: S3 clients connect directly even when a proxy is set.
+    pub s3_no_proxy: bool,
+    pub credentials: CredentialSource,
+}
+
+impl From<&Settings> for NetSettings {
+    fn from(s: &Settings) -> Self {
+        NetSettings {
+            region: s.region.clone(),
+            endpoint: s.endpoint.clone(),
+            proxy: s.proxy.clone(),
+            ca_bundle: s.ca_bundle.clone(),
+            s3_endpoint: s.s3_endpoint.clone(),
+            // `Settings.s3_no_proxy` arrives with the config branch; wire it here when merged.
+            s3_no_proxy: s.s3_no_proxy,
+            credentials: s.credentials.clone(),
+        }
+    }
+}
+
+impl From<&NetSettings> for NetSettings {
+    fn from(s: &NetSettings) -> Self {
+        s.clone()
+    }
+}
 
 /// A setting that cannot become a client. The message names the setting; never a password.
 #[derive(Debug, thiserror::Error)]
@@ -128,7 +164,7 @@ fn normalize_proxy_url(raw: &str) -> Result<String, NetError> {
 
 impl ProxyPlan {
     /// `None`: connect directly.
-    pub fn resolve(settings: &Settings) -> Result<Option<ProxyPlan>, NetError> {
+    pub fn resolve(settings: &NetSettings) -> Result<Option<ProxyPlan>, NetError> {
         if let Some(p) = &settings.proxy {
             let url = normalize_proxy_url(&p.url)?;
             return Ok(Some(ProxyPlan {
@@ -206,7 +242,7 @@ impl ProxyPlan {
     }
 }
 
-fn read_ca_bundle(settings: &Settings) -> Result<Option<Vec<u8>>, NetError> {
+fn read_ca_bundle(settings: &NetSettings) -> Result<Option<Vec<u8>>, NetError> {
     let Some(path) = &settings.ca_bundle else {
         return Ok(None);
     };
@@ -217,7 +253,7 @@ fn read_ca_bundle(settings: &Settings) -> Result<Option<Vec<u8>>, NetError> {
     Ok(Some(bytes))
 }
 
-fn reqwest_certs(settings: &Settings) -> Result<Vec<reqwest::Certificate>, NetError> {
+fn reqwest_certs(settings: &NetSettings) -> Result<Vec<reqwest::Certificate>, NetError> {
     let Some(bytes) = read_ca_bundle(settings)? else {
         return Ok(Vec::new());
     };
@@ -246,7 +282,8 @@ fn user_agent() -> String {
 /// The reqwest client of the Data Pipeline client: rustls (ring), system roots plus the CA
 /// bundle, the proxy plan, connect timeout [`CONNECT_TIMEOUT`], read timeout [`READ_TIMEOUT`].
 /// Per-call deadlines are set by the caller on each request.
-pub fn http_client(settings: &Settings) -> Result<reqwest::Client, NetError> {
+pub fn http_client(settings: impl Into<NetSettings>) -> Result<reqwest::Client, NetError> {
+    let settings = &settings.into();
     install_crypto_provider();
     let mut b = reqwest::Client::builder()
         .user_agent(user_agent())
@@ -283,12 +320,16 @@ pub fn direct_http_client(timeout: Duration) -> Result<reqwest::Client, NetError
 
 /// The HTTP client for every AWS SDK client and aws-config's credential providers: the SAME proxy
 /// plan, no_proxy and CA bundle as [`http_client`], rustls with ring.
-pub fn smithy_http_client(settings: &Settings) -> Result<SharedHttpClient, NetError> {
+pub fn smithy_http_client(settings: impl Into<NetSettings>) -> Result<SharedHttpClient, NetError> {
+    build_smithy_http_client(&settings.into(), true)
+}
+
+fn build_smithy_http_client(settings: &NetSettings, use_proxy: bool) -> Result<SharedHttpClient, NetError> {
     install_crypto_provider();
     let proxy = match ProxyPlan::resolve(settings)? {
-        Some(plan) => plan.smithy_proxy()?,
+        Some(plan) if use_proxy => plan.smithy_proxy()?,
         // Explicitly disabled: without a plan there is no proxy in the environment either.
-        None => ProxyConfig::disabled(),
+        _ => ProxyConfig::disabled(),
     };
     let mut trust = tls::TrustStore::default();
     if let Some(pem) = read_ca_bundle(settings)? {
@@ -363,7 +404,8 @@ fn static_provider(source: &CredentialSource) -> Option<SharedCredentialsProvide
 
 /// Region, [`smithy_http_client`] (used by every AWS client AND by aws-config's own credential
 /// providers: STS, SSO, IMDS, ECS), timeouts, and the credentials of `Settings.credentials`.
-pub async fn sdk_config(settings: &Settings) -> Result<SdkConfig, NetError> {
+pub async fn sdk_config(settings: impl Into<NetSettings>) -> Result<SdkConfig, NetError> {
+    let settings = &settings.into();
     let http = smithy_http_client(settings)?;
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .region(aws_config::Region::new(settings.region.clone()))
@@ -377,7 +419,10 @@ pub async fn sdk_config(settings: &Settings) -> Result<SdkConfig, NetError> {
 
 /// Static keys from `Settings.credentials`, or aws-config's default chain (environment, profile,
 /// web identity, SSO, ECS, EC2 instance role) using [`smithy_http_client`].
-pub async fn credentials_provider(settings: &Settings) -> Result<SharedCredentialsProvider, NetError> {
+pub async fn credentials_provider(
+    settings: impl Into<NetSettings>,
+) -> Result<SharedCredentialsProvider, NetError> {
+    let settings = &settings.into();
     if let Some(p) = static_provider(&settings.credentials) {
         return Ok(p);
     }
@@ -388,18 +433,26 @@ pub async fn credentials_provider(settings: &Settings) -> Result<SharedCredentia
 
 /// The S3 client from an [`SdkConfig`]: with `Settings.s3_endpoint`, that endpoint and path-style
 /// addressing (local S3 implementations serve no virtual-host buckets).
-pub fn s3_client_from(sdk: &SdkConfig, settings: &Settings) -> aws_sdk_s3::Client {
+pub fn s3_client_from(
+    sdk: &SdkConfig,
+    settings: impl Into<NetSettings>,
+) -> Result<aws_sdk_s3::Client, NetError> {
+    let settings = &settings.into();
     let mut b = aws_sdk_s3::config::Builder::from(sdk);
+    if settings.s3_no_proxy {
+        b = b.http_client(build_smithy_http_client(settings, false)?);
+    }
     if let Some(ep) = &settings.s3_endpoint {
         b = b.endpoint_url(ep.clone()).force_path_style(true);
     }
-    aws_sdk_s3::Client::from_conf(b.build())
+    Ok(aws_sdk_s3::Client::from_conf(b.build()))
 }
 
 /// [`s3_client_from`] over a fresh [`sdk_config`].
-pub async fn s3_client(settings: &Settings) -> Result<aws_sdk_s3::Client, NetError> {
+pub async fn s3_client(settings: impl Into<NetSettings>) -> Result<aws_sdk_s3::Client, NetError> {
+    let settings = &settings.into();
     let sdk = sdk_config(settings).await?;
-    Ok(s3_client_from(&sdk, settings))
+    s3_client_from(&sdk, settings)
 }
 
 /// `e: source: source...` in one line (reqwest hides the useful part in the source chain).

@@ -97,7 +97,10 @@ impl HttpPipelineApi {
 
     /// The client the daemon uses: [`crate::net::http_client`] (proxy, CA bundle, timeouts) and
     /// [`crate::net::credentials_provider`].
-    pub async fn from_settings(settings: &crate::config::Settings) -> Result<Self, crate::net::NetError> {
+    pub async fn from_settings(
+        settings: impl Into<crate::net::NetSettings>,
+    ) -> Result<Self, crate::net::NetError> {
+        let settings = &settings.into();
         let client = crate::net::http_client(settings)?;
         let creds = crate::net::credentials_provider(settings).await?;
         let mut api = Self::new(client, &settings.endpoint, &settings.region, creds)?;
