@@ -54,7 +54,6 @@ impl From<&Settings> for NetSettings {
             proxy: s.proxy.clone(),
             ca_bundle: s.ca_bundle.clone(),
             s3_endpoint: s.s3_endpoint.clone(),
-            // `Settings.s3_no_proxy` arrives with the config branch; wire it here when merged.
             s3_no_proxy: s.s3_no_proxy,
             credentials: s.credentials.clone(),
         }
