@@ -2,4 +2,4 @@
 //! [`crate::period`], in one place.
 
 pub use crate::local::expr::{evaluate, Scope};
-pub use crate::period::{format_datetime, parse_datetime, Period, Schedule};
+pub use crate::period::{Period, Schedule};

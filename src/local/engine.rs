@@ -3,7 +3,7 @@
 //! `dependsOn`, preconditions), hand-out to pollers, retries and timeouts. Pure and synchronous:
 //! the server holds one mutex over an [`Engine`] and passes `now` in, so hand-out is exactly-once.
 
-use super::compat::{evaluate, format_datetime, parse_datetime, Period, Schedule, Scope};
+use super::compat::{evaluate, Period, Schedule, Scope};
 use crate::model::{Field, PipelineObject, TaskObject};
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
@@ -1648,7 +1648,8 @@ impl<'a> View<'a> {
         let mut out = obj.clone();
         for f in &mut out.fields {
             if let Some(s) = &f.string_value {
-                if s.contains("#{") {
+                // Type, id, name and sphere slots are never evaluated (DG:dp-pipeline-expressions.md).
+                if s.contains("#{") && !["type", "@id", "@sphere"].contains(&f.key.as_str()) {
                     match evaluate(s, &scope) {
                         Ok(v) => f.string_value = Some(v),
                         Err(e) => {
@@ -1790,37 +1791,8 @@ pub fn validate_definition(def: &Definition) -> (Messages, Messages) {
                 }
             }
             Some("Schedule") => {
-                if let Some(p) = r.get("period") {
-                    if let Err(e) = Period::parse(p) {
-                        err(&o.id, format!("Field 'period': {e}"));
-                    }
-                } else {
-                    err(&o.id, "Schedule requires 'period'".into());
-                }
-                match (r.get("startDateTime"), r.get("startAt")) {
-                    (None, None) => err(
-                        &o.id,
-                        "Schedule requires one of 'startDateTime' or 'startAt'".into(),
-                    ),
-                    (Some(_), Some(_)) => err(&o.id, "Use only one of 'startDateTime' and 'startAt'".into()),
-                    (Some(s), None) => {
-                        if let Err(e) = parse_datetime(s) {
-                            err(&o.id, format!("Field 'startDateTime': {e}"));
-                        }
-                    }
-                    (None, Some(s)) if s != "FIRST_ACTIVATION_DATE_TIME" => err(
-                        &o.id,
-                        format!("Field 'startAt' must be FIRST_ACTIVATION_DATE_TIME, got {s:?}"),
-                    ),
-                    _ => {}
-                }
-                if let Some(s) = r.get("endDateTime") {
-                    if let Err(e) = parse_datetime(s) {
-                        err(&o.id, format!("Field 'endDateTime': {e}"));
-                    }
-                }
-                if r.get("endDateTime").is_some() && r.get("occurrences").is_some() {
-                    err(&o.id, "Use only one of 'endDateTime' and 'occurrences'".into());
+                if let Err(e) = Schedule::from_object(r, Utc::now()) {
+                    err(&o.id, e);
                 }
             }
             _ => {}
@@ -1873,6 +1845,5 @@ pub fn validate_definition(def: &Definition) -> (Messages, Messages) {
             err(id, format!("Parameter value {id:?} has no parameter object"));
         }
     }
-    let _ = format_datetime;
     (errors.into_iter().collect(), warnings.into_iter().collect())
 }
