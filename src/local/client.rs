@@ -20,11 +20,6 @@ pub struct Client {
     secret_key: String,
 }
 
-/// reqwest is built with `rustls-no-provider`: the process picks ring once (a second call is a no-op).
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
 /// Reads `{"access-id": ..., "private-key": ...}`.
 pub fn read_credentials(path: &Path) -> anyhow::Result<(String, String)> {
     let text =
@@ -48,7 +43,7 @@ impl Client {
         access_key: String,
         secret_key: String,
     ) -> anyhow::Result<Client> {
-        install_crypto_provider();
+        crate::net::install_crypto_provider();
         let http = reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(120))
