@@ -49,7 +49,7 @@ async fn send(
     )
     .unwrap();
     let (instructions, _) = sign(req, &params).unwrap().into_parts();
-    taskrunner::local::client::install_crypto_provider();
+    taskrunner::net::install_crypto_provider();
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let mut rb = client.post(format!("{url}/")).body(sent_body);
     for (k, v) in headers {
@@ -148,7 +148,7 @@ async fn sigv4_good_wrong_secret_changed_body_stale_date() {
     let e = c.call("ListPipelines", &json!({})).await.unwrap_err();
     assert!(e.to_string().contains("UnrecognizedClientException"), "{e}");
 
-    taskrunner::local::client::install_crypto_provider();
+    taskrunner::net::install_crypto_provider();
     let unsigned = reqwest::Client::builder()
         .no_proxy()
         .build()
