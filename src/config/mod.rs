@@ -3,11 +3,30 @@
 //! settings, then defaults -> one validated [`Settings`]. Every error names the file, line and
 //! key; the binary exits 78 on any of them.
 //!
-//! (Skeleton: the contract other modules build against. The loader is written in this module.)
+//! - [`cli`]: the clap command line (Java jar options in camelCase, service options in kebab-case);
+//! - [`load`]: raw layers (defaults < main file < `config.d/*.toml` in name order <
+//!   `instances/<instance>.toml` < environment < command line), merged key by key with the source
+//!   of each value kept, then typed and validated into [`Settings`];
+//! - [`reload`]: the same again for SIGHUP, from the command line and environment the process
+//!   started with (kept in [`Settings::origin`]); the credentials are not re-read;
+//! - [`render_check`]: `--check-config`'s listing, secrets redacted.
+//!
+//! Per-instance settings live in `instances/<instance>.toml` next to the main file (one file per
+//! `taskrunner@<instance>`), chosen over an `[instance.<name>]` table so that configuration
+//! management can drop one file per instance and a fragment never has to be merged by hand.
+
+pub mod cli;
+mod load;
+pub mod units;
+
+pub use load::{load, load_from_process, reload, render_check, ConfigError, Invocation, LoadOrigin, Source};
 
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
+
+/// Default main settings file.
+pub const DEFAULT_SETTINGS_FILE: &str = "/etc/taskrunner/config.toml";
 
 /// `s3://bucket/prefix`, parsed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -127,6 +146,39 @@ pub struct Settings {
     pub keep_workdirs: KeepWorkdirs,
     /// Where each effective value came from, for `--check-config` (key -> "file:line" / "env" / "flag" / "default").
     pub sources: std::collections::BTreeMap<String, String>,
+    /// Things the daemon must log as WARN at every start (NTLM not implemented, secrets on the
+    /// command line, options accepted but not used, unknown `TASKRUNNER_*` variables...).
+    pub warnings: Vec<String>,
+    /// The settings files that were read, in merge order (for `taskrunner-ctl status`).
+    pub settings_files: Vec<PathBuf>,
+    /// `--jdbcDriverS3Path` (accepted for compatibility with the jar; see `warnings`).
+    pub jdbc_driver_s3_path: Option<S3Uri>,
+    /// `--s3NoProxy`: S3 clients do not use `proxy`.
+    pub s3_no_proxy: bool,
+    /// The command line and environment the settings were loaded from, for [`reload`].
+    pub origin: LoadOrigin,
+}
+
+impl KeepWorkdirs {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeepWorkdirs::Never => "never",
+            KeepWorkdirs::OnFailure => "on-failure",
+            KeepWorkdirs::Always => "always",
+        }
+    }
+}
+
+impl std::str::FromStr for KeepWorkdirs {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "never" => Ok(KeepWorkdirs::Never),
+            "on-failure" => Ok(KeepWorkdirs::OnFailure),
+            "always" => Ok(KeepWorkdirs::Always),
+            _ => Err(format!("{s:?} is not one of never, on-failure, always")),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
