@@ -1,1 +1,4 @@
-fn main() {}
+//! `datapipeline-local`: see `taskrunner::local`.
+fn main() -> std::process::ExitCode {
+    taskrunner::local::cli::main()
+}
