@@ -3,6 +3,11 @@
 //! `datapipeline`). This is the only runner code that knows the wire format. Unit tests use fakes
 //! of the trait with tokio's paused time.
 
+pub mod http;
+pub mod imds;
+
+pub use http::HttpPipelineApi;
+
 use crate::model::{InstanceIdentity, PipelineObject, TaskObject, TaskStatus};
 use std::time::Duration;
 
