@@ -6,10 +6,10 @@
 //! - `DIR/man/taskrunner.8`, `DIR/man/taskrunner-ctl.1`, `DIR/man/datapipeline-local.1`
 //! - `DIR/completions/{bash,zsh,fish}/` one file per binary, named as each shell looks them up.
 //!
-//! The commands come from [`commands`]: one function per binary. Until the modules that own the
-//! real command lines are merged (`taskrunner::config::cli::command()` for the daemon, the
-//! `taskrunner-ctl` and `datapipeline-local` commands from `control` and `local`), the functions
-//! there describe the documented contract, so that the packages always carry a man page.
+//! The commands come from [`commands`]: one function per binary, calling
+//! `taskrunner::config::cli::command()` (daemon) and `taskrunner::local::cli::Cli::command()`
+//! (`datapipeline-local`). `taskrunner-ctl`'s clap `Cli` is private to `control::ctl`, so its page
+//! is written from the documented contract until that module exposes `command()`.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -19,64 +19,35 @@ use clap::Command;
 use clap_complete::Shell;
 
 mod commands {
-    //! One function per shipped binary. Each is the binary's real `clap::Command` once its owner's
-    //! module provides one; until then the documented contract.
-    use clap::{Arg, ArgAction, Command};
+    //! One function per shipped binary: its real `clap::Command` where the owning module exposes
+    //! one, otherwise the documented contract (marked below).
+    use clap::{Arg, ArgAction, Command, CommandFactory};
 
-    /// `taskrunner(8)`.
+    /// `taskrunner(8)`: the daemon's own command (`taskrunner::config::cli::command`), with the
+    /// service facts a man page reader needs.
     pub fn taskrunner() -> Command {
-        Command::new("taskrunner")
-            .version(env!("CARGO_PKG_VERSION"))
-            .about("AWS Data Pipeline Task Runner: polls a worker group and runs its tasks")
-            .long_about(
-                "Polls AWS Data Pipeline (or datapipeline-local) for the tasks of one worker group, \
-                 runs them, and reports their results. Accepts the command line of the Java \
-                 TaskRunner-1.0.jar, plus /etc/taskrunner/config.toml. Under systemd it is started \
-                 by taskrunner@WORKER_GROUP.service; it uses $STATE_DIRECTORY, $LOGS_DIRECTORY, \
-                 $RUNTIME_DIRECTORY and $CREDENTIALS_DIRECTORY/credentials.json when set.\n\n\
-                 Exit status: 0 normal (drained after SIGTERM, or an exit-after condition met), \
-                 1 run-time failure, 2 usage error, 78 configuration or credentials error.",
-            )
-            .arg(opt(
-                "workerGroup",
-                "NAME",
-                "Worker group whose tasks this runner takes",
-            ))
-            .arg(opt(
-                "config",
-                "FILE",
-                "Credentials JSON file (access-id, private-key)",
-            ))
-            .arg(opt(
-                "settings",
-                "FILE",
-                "Settings file [default: /etc/taskrunner/config.toml]",
-            ))
-            .arg(opt(
-                "instance",
-                "NAME",
-                "Instance name (control socket, directories)",
-            ))
-            .arg(opt("region", "REGION", "AWS region, e.g. us-east-1"))
-            .arg(opt("endpoint", "URL", "Data Pipeline endpoint"))
-            .arg(opt("logUri", "S3_URI", "Where task logs are uploaded"))
-            .arg(opt(
-                "taskrunnerId",
-                "ID",
-                "Task Runner id; generated and kept when absent",
-            ))
-            .arg(opt("tasks", "N", "How many tasks run at once [default: 2]"))
-            .arg(opt("output", "DIR", "Directory for logs"))
-            .arg(opt("accessId", "KEY_ID", "AWS access key id (prefer --config)"))
-            .arg(opt("secretKey", "SECRET", "AWS secret key (prefer --config)"))
+        taskrunner::config::cli::command().after_long_help(
+            "Under systemd it runs as taskrunner@WORKER_GROUP.service and uses $STATE_DIRECTORY, \
+             $LOGS_DIRECTORY, $RUNTIME_DIRECTORY and $CREDENTIALS_DIRECTORY/credentials.json. \
+             Settings: /etc/taskrunner/config.toml. Control socket: \
+             /run/taskrunner/INSTANCE/control.sock (see taskrunner-ctl(1)).\n\n\
+             Exit status: 0 normal (drained after SIGTERM, or an exit-after condition met), \
+             1 run-time failure, 2 usage error, 78 configuration or credentials error.",
+        )
     }
 
-    /// `taskrunner-ctl(1)`.
+    /// `datapipeline-local(1)`: `taskrunner::local::cli::Cli`.
+    pub fn datapipeline_local() -> Command {
+        taskrunner::local::cli::Cli::command()
+    }
+
+    /// `taskrunner-ctl(1)`. Contract, not the real command: `taskrunner::control::ctl`'s `Cli` is
+    /// private; replace this body with `taskrunner::control::ctl::command()` once it is public.
     pub fn taskrunner_ctl() -> Command {
         let instance = || Arg::new("INSTANCE").help("Instance name; the only one when omitted");
         Command::new("taskrunner-ctl")
             .version(env!("CARGO_PKG_VERSION"))
-            .about("Inspect and control running taskrunner instances over their control sockets")
+            .about("Inspect and control the taskrunner daemons on this host through their control sockets")
             .long_about(
                 "Talks to a running taskrunner over its control socket \
                  (/run/taskrunner/INSTANCE/control.sock). Exit status 3 when no daemon answers.",
@@ -101,46 +72,6 @@ mod commands {
                     .arg(instance()),
             )
             .subcommand(Command::new("validate").about("Check the configuration and credentials"))
-    }
-
-    /// `datapipeline-local(1)`.
-    pub fn datapipeline_local() -> Command {
-        Command::new("datapipeline-local")
-            .version(env!("CARGO_PKG_VERSION"))
-            .about("An offline endpoint that speaks the AWS Data Pipeline API (JSON 1.1, SigV4)")
-            .subcommand_required(true)
-            .subcommand(
-                Command::new("serve")
-                    .about("Serve the API; prints `listening on URL` as its first line")
-                    .arg(opt("listen", "ADDR", "Address to bind [default: 127.0.0.1:8990]"))
-                    .arg(opt("state", "DIR", "Where pipelines and runs are kept"))
-                    .arg(
-                        opt(
-                            "credentials",
-                            "FILE",
-                            "Accepted key pair (credentials.json); repeatable",
-                        )
-                        .action(ArgAction::Append),
-                    ),
-            )
-            .subcommand(
-                Command::new("submit")
-                    .about("Create, define and activate a pipeline from a definition file")
-                    .arg(Arg::new("FILE").required(true)),
-            )
-            .subcommand(
-                Command::new("runs")
-                    .about("The runs of a pipeline and their states")
-                    .arg(Arg::new("PIPELINE_ID").required(true)),
-            )
-    }
-
-    fn opt(name: &'static str, value: &'static str, help: &'static str) -> Arg {
-        Arg::new(name)
-            .long(name)
-            .value_name(value)
-            .help(help)
-            .action(ArgAction::Set)
     }
 
     fn flag(name: &'static str, help: &'static str) -> Arg {

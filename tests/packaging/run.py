@@ -505,9 +505,10 @@ class T6Journey(unittest.TestCase):
                     if word in ("PASS", "FAIL"):
                         name, _, why = rest.partition(": ")
                         cls.results[name] = (word, why)
-        log = os.path.join(results, "journey.log")
-        if os.path.exists(log):
-            shutil.copy(log, os.path.join(ROOT, "target", "journey.log"))
+        # Kept for a look after the run: the journey's own output and its step results.
+        for name in ("journey.log", "journey.txt"):
+            if os.path.exists(os.path.join(results, name)):
+                shutil.copy(os.path.join(results, name), os.path.join(ROOT, "target", name))
 
     @classmethod
     def tearDownClass(cls):
@@ -518,7 +519,7 @@ class T6Journey(unittest.TestCase):
     def step(self, name):
         if self.setup_error:
             self.fail(f"journey not run: {self.setup_error}")
-        word, why = self.results.get(name, ("FAIL", "step not reached (see target/journey.log)"))
+        word, why = self.results.get(name, ("FAIL", "step not reached (see target/journey.log, target/journey.txt)"))
         self.assertEqual(word, "PASS", why)
 
     def test_remote_attempts_finished(self):

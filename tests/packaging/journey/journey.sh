@@ -69,7 +69,9 @@ check credentials_root_only sh -c '[ "$(stat -c %a:%U /etc/taskrunner/credential
 # The CreateDirectory task (submitted by the host before boot) is handed out and run; its
 # entries carry TASK_ID= in the journal.
 task_logged() { journalctl -u "$I" -o export | grep -q '^TASK_ID='; }
-if wait_for 90 task_logged; then
+if ! active "$I"; then
+    fail task_in_journal "$I is not active"
+elif wait_for 90 task_logged; then
     tid=$(journalctl -u "$I" -o export | sed -n 's/^TASK_ID=//p' | head -n1)
     pass task_in_journal
     echo "TASK_ID $tid" >>"$R"
