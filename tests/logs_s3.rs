@@ -338,6 +338,8 @@ async fn pending_uploads_resume_after_a_restart() {
 /// A file over the multipart threshold goes up in parts, and arrives whole.
 #[tokio::test]
 async fn a_large_file_goes_up_as_multipart() {
+    // The shipper's warnings (why an upload fails) go to the test output.
+    let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).try_init();
     let tmp = tempfile::tempdir().unwrap();
     let output = tmp.path().join("output");
     let port = free_port();

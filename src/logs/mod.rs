@@ -161,6 +161,8 @@ pub fn init(cfg: &LogConfig) -> Result<LogHandle, LogError> {
     if let Some(note) = &handle.fallback_note {
         tracing::warn!("{note}");
     }
+    // The jar prints the same line at start (dp-how-task-runner-user-managed.md).
+    tracing::info!("Logging to {}", handle.logs_dir().display());
     handle.start_compression(COMPRESS_CHECK_INTERVAL);
     Ok(handle)
 }

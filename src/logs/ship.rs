@@ -32,7 +32,7 @@ use std::time::{Duration, SystemTime};
 
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
 use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -718,7 +718,6 @@ impl Inner {
             .bucket(&row.bucket)
             .key(&row.key)
             .content_type(content_type)
-            .checksum_algorithm(ChecksumAlgorithm::Crc32)
             .send()
             .await
             .map_err(|e| UploadError::Retry(describe(&e)))?;
@@ -773,7 +772,6 @@ impl Inner {
                 .key(&row.key)
                 .upload_id(upload_id)
                 .part_number(number)
-                .checksum_algorithm(ChecksumAlgorithm::Crc32)
                 .body(ByteStream::from(buf))
                 .send()
                 .await
@@ -782,7 +780,6 @@ impl Inner {
                 CompletedPart::builder()
                     .part_number(number)
                     .set_e_tag(out.e_tag().map(str::to_string))
-                    .set_checksum_crc32(out.checksum_crc32().map(str::to_string))
                     .build(),
             );
             number += 1;
@@ -790,16 +787,51 @@ impl Inner {
                 break;
             }
         }
-        self.client
+        let parts_sent = parts.len();
+        let completed = self
+            .client
             .complete_multipart_upload()
             .bucket(&row.bucket)
             .key(&row.key)
             .upload_id(upload_id)
             .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
             .send()
-            .await
-            .map_err(|e| UploadError::Retry(describe(&e)))?;
-        Ok(())
+            .await;
+        match completed {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                // S3 may answer 200 with an error body, and some S3 implementations (moto 5.2)
+                // answer with a body the SDK cannot parse: when the answer is unclear, the object
+                // itself decides (its size, and a multipart ETag of as many parts as we sent).
+                let expected_len = tokio::fs::metadata(path).await.map(|m| m.len() as i64).ok();
+                let head = self
+                    .client
+                    .head_object()
+                    .bucket(&row.bucket)
+                    .key(&row.key)
+                    .send()
+                    .await;
+                if let Ok(h) = head {
+                    let etag_parts = h
+                        .e_tag()
+                        .unwrap_or("")
+                        .trim_matches('"')
+                        .rsplit('-')
+                        .next()
+                        .map(str::to_string);
+                    if h.content_length() == expected_len && etag_parts == Some(parts_sent.to_string()) {
+                        tracing::debug!(
+                            "CompleteMultipartUpload for s3://{}/{} gave an unclear answer ({}), but the object is complete",
+                            row.bucket,
+                            row.key,
+                            describe(&e)
+                        );
+                        return Ok(());
+                    }
+                }
+                Err(UploadError::Retry(describe(&e)))
+            }
+        }
     }
 
     /// Queue hourly files whose hour has closed (and the current one when asked) unless a
@@ -920,6 +952,9 @@ where
     match err {
         SdkError::ServiceError(se) => {
             let code = se.err().code().unwrap_or("unknown");
+            if code == "unknown" {
+                return format!("S3 answered {:?}: {}", se.raw(), DisplayErrorContext(err));
+            }
             let msg = se.err().message().unwrap_or("");
             match code {
                 "NoSuchBucket" => format!("the bucket does not exist (NoSuchBucket) {msg}"),
