@@ -470,10 +470,11 @@ async fn retry_run_recovers_from_an_outage_and_reports_backoffs() {
     let dead = format!("http://{}", l.local_addr().unwrap());
     drop(l);
     let api = api_for(&dead, keys(None, SECRET)).await.without_rate_limit();
+    let req = poll_req();
     let e = retry::run(
         &policy.with_max_attempts(3),
         "PollForTask",
-        || api.poll_for_task(&poll_req()),
+        || api.poll_for_task(&req),
         |_| {},
     )
     .await
