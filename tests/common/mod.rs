@@ -383,9 +383,21 @@ pub struct Runner {
     pub dir: PathBuf,
 }
 
-/// Test settings for the runner: fast progress, short kill grace. More keys may be appended.
+/// Test settings for the runner: fast progress, short kill grace, unless `extra` sets them.
 pub fn settings_toml(extra: &str) -> String {
-    format!("progress-interval = \"1s\"\nkill-grace = \"2s\"\ndrain-timeout = \"60s\"\n{extra}\n")
+    let mut out = String::new();
+    for (key, value) in [
+        ("progress-interval", "\"1s\""),
+        ("kill-grace", "\"2s\""),
+        ("drain-timeout", "\"60s\""),
+    ] {
+        if !extra.lines().any(|l| l.trim_start().starts_with(key)) {
+            out.push_str(&format!("{key} = {value}\n"));
+        }
+    }
+    out.push_str(extra);
+    out.push('\n');
+    out
 }
 
 impl Runner {
