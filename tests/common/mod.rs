@@ -242,28 +242,19 @@ impl Local {
             .unwrap_or_else(|e| panic!("{op} failed: {e:#}"))
     }
 
-    /// `datapipeline-local submit`: create, put, activate; returns the pipeline id.
+    /// Create, put, activate (the library's `submit`, as `datapipeline-local submit` does);
+    /// returns the pipeline id.
     pub fn submit(&self, definition: &Value) -> String {
         let file = self.dir.join(format!("pipeline-{}.json", uuid_like()));
         std::fs::write(&file, serde_json::to_string_pretty(definition).unwrap()).unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_datapipeline-local"))
-            .arg("submit")
-            .arg("--endpoint")
-            .arg(&self.url)
-            .arg("--credentials")
-            .arg(&self.credentials)
-            .arg(&file)
-            .env("NO_PROXY", "*")
-            .env_remove("HTTP_PROXY")
-            .env_remove("HTTPS_PROXY")
-            .output()
+        taskrunner::net::install_crypto_provider();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "submit failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
+        let c = self.client();
+        rt.block_on(taskrunner::local::client::submit(&c, &file))
+            .unwrap_or_else(|e| panic!("submit failed: {e:#}"))
     }
 
     /// The attempt objects of a pipeline (evaluated), each as `{id, fields{key: value}}`.
@@ -383,9 +374,21 @@ pub struct Runner {
     pub dir: PathBuf,
 }
 
-/// Test settings for the runner: fast progress, short kill grace. More keys may be appended.
+/// Test settings for the runner: fast progress, short kill grace, unless `extra` sets them.
 pub fn settings_toml(extra: &str) -> String {
-    format!("progress-interval = \"1s\"\nkill-grace = \"2s\"\ndrain-timeout = \"60s\"\n{extra}\n")
+    let mut out = String::new();
+    for (key, value) in [
+        ("progress-interval", "\"1s\""),
+        ("kill-grace", "\"2s\""),
+        ("drain-timeout", "\"60s\""),
+    ] {
+        if !extra.lines().any(|l| l.trim_start().starts_with(key)) {
+            out.push_str(&format!("{key} = {value}\n"));
+        }
+    }
+    out.push_str(extra);
+    out.push('\n');
+    out
 }
 
 impl Runner {
