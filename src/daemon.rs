@@ -646,8 +646,25 @@ pub fn main() -> i32 {
             return e.exit_code();
         }
     };
-    // Hook: the `logs` module's layers (journald, hourly files) replace this.
-    let set_log_level = init_stderr_logging(&settings.log_level);
+    // Logging: the journal under systemd, else stderr; and the hourly files under <output>/logs.
+    let logs = match crate::logs::init(&crate::logs::LogConfig::new(
+        &settings.output_dir,
+        &settings.log_level,
+        &settings.worker_group,
+    )) {
+        Ok(h) => Arc::new(h),
+        Err(e) => {
+            eprintln!("taskrunner: cannot set up logging: {e}");
+            return crate::exit::CONFIG;
+        }
+    };
+    let set_log_level: Box<dyn Fn(&str) -> Result<(), String> + Send + Sync> = {
+        let logs = logs.clone();
+        Box::new(move |level: &str| {
+            logs.reopen();
+            logs.set_level(level).map_err(|e| e.to_string())
+        })
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -655,7 +672,7 @@ pub fn main() -> i32 {
             return crate::exit::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         crate::net::install_crypto_provider();
         let api = match crate::api::http::HttpPipelineApi::from_settings(&settings).await {
             Ok(a) => a,
@@ -672,13 +689,115 @@ pub fn main() -> i32 {
                 None
             }
         };
+        let service = ServiceSide::new(&settings);
+        let (control_tx, control_rx) = mpsc::channel(8);
         let hooks = Hooks {
+            ready: Some(service.ready_hook(control_tx)),
+            stopping: Some(service.stopping_hook()),
+            control: Some(control_rx),
             reload: Some(Box::new(|current: &Settings| {
                 crate::config::reload(current).map_err(|e| e.to_string())
             })),
             set_log_level: Some(set_log_level),
-            ..Default::default()
         };
-        run(settings, Arc::new(api), store, hooks).await
-    })
+        let code = run(settings, Arc::new(api), store, hooks).await;
+        service.cancel.cancel();
+        code
+    });
+    logs.shutdown();
+    code
+}
+
+/// The service side of the daemon: sd_notify (READY, STATUS on every change, WATCHDOG while the
+/// loop is alive, STOPPING and EXTEND_TIMEOUT during a drain) and the control socket that
+/// `taskrunner-ctl` talks to. All of it is a silent no-op without `NOTIFY_SOCKET`.
+struct ServiceSide {
+    notifier: Arc<crate::service::Notifier>,
+    socket: PathBuf,
+    cancel: tokio_util::sync::CancellationToken,
+}
+
+/// While a drain makes progress, ask systemd for this much more time, this often, so that a modest
+/// `TimeoutStopSec` does not kill a healthy drain (the drain itself is bounded by `drain-timeout`).
+const EXTEND_TIMEOUT_BY: Duration = Duration::from_secs(30);
+const EXTEND_TIMEOUT_EVERY: Duration = Duration::from_secs(10);
+
+impl ServiceSide {
+    fn new(settings: &Settings) -> ServiceSide {
+        ServiceSide {
+            notifier: Arc::new(crate::service::Notifier::from_env()),
+            socket: settings.runtime_dir.join("control.sock"),
+            cancel: tokio_util::sync::CancellationToken::new(),
+        }
+    }
+
+    /// READY=1 once the loops run and the control socket is bound (not after the first successful
+    /// API call: a network outage at boot must not become a restart loop).
+    fn ready_hook(&self, control_tx: mpsc::Sender<ControlCommand>) -> Box<dyn FnOnce(&StatusBoard) + Send> {
+        let notifier = self.notifier.clone();
+        let socket = self.socket.clone();
+        let cancel = self.cancel.clone();
+        Box::new(move |board: &StatusBoard| {
+            let (svc_tx, mut svc_rx) = mpsc::channel::<crate::control::ControlCommand>(8);
+            let owner = nix::unistd::geteuid().as_raw();
+            if let Err(e) = crate::control::serve(&socket, board.subscribe(), svc_tx, owner, cancel.clone()) {
+                tracing::warn!(
+                    "control socket {}: {e}; taskrunner-ctl cannot reach this instance",
+                    socket.display()
+                );
+            }
+            tokio::spawn(async move {
+                while let Some(cmd) = svc_rx.recv().await {
+                    let (ours, reply) = match cmd {
+                        crate::control::ControlCommand::Drain { reply } => (ControlCommand::Drain, reply),
+                        crate::control::ControlCommand::Resume { reply } => (ControlCommand::Resume, reply),
+                    };
+                    let answer = control_tx
+                        .send(ours)
+                        .await
+                        .map_err(|_| "the daemon is stopping".to_string());
+                    let _ = reply.send(answer);
+                }
+            });
+            let _ = notifier.ready();
+            let mut rx = board.subscribe();
+            tokio::spawn(async move {
+                let mut watchdog = notifier.watchdog_interval().map(tokio::time::interval);
+                let mut last = String::new();
+                loop {
+                    let line =
+                        crate::service::status_line(&rx.borrow_and_update(), chrono::Utc::now().timestamp());
+                    if line != last {
+                        let _ = notifier.status(&line);
+                        last = line;
+                    }
+                    // The watchdog is fed from here, so it stops when the status loop stops.
+                    tokio::select! {
+                        changed = rx.changed() => if changed.is_err() { break },
+                        _ = async { match watchdog.as_mut() { Some(w) => { w.tick().await; } None => std::future::pending::<()>().await } } => {
+                            let _ = notifier.watchdog();
+                        }
+                        _ = cancel.cancelled() => break,
+                    }
+                }
+            });
+        })
+    }
+
+    fn stopping_hook(&self) -> Box<dyn FnOnce() + Send> {
+        let notifier = self.notifier.clone();
+        let cancel = self.cancel.clone();
+        Box::new(move || {
+            let _ = notifier.stopping();
+            tokio::spawn(async move {
+                loop {
+                    let _ = notifier.extend_timeout(EXTEND_TIMEOUT_BY);
+                    tokio::select! {
+                        _ = tokio::time::sleep(EXTEND_TIMEOUT_EVERY) => {}
+                        _ = cancel.cancelled() => break,
+                    }
+                }
+            });
+        })
+    }
 }

@@ -164,6 +164,14 @@ fn normalize_proxy_url(raw: &str) -> Result<String, NetError> {
 impl ProxyPlan {
     /// `None`: connect directly.
     pub fn resolve(settings: &NetSettings) -> Result<Option<ProxyPlan>, NetError> {
+        let plan = Self::resolve_configured(settings)?;
+        // `no_proxy = "*"` bypasses the proxy for every host. hyper-util's matcher applies `*` to
+        // host names only, not to IP addresses (127.0.0.1 would still go through the proxy), so
+        // a `*` entry means no proxy at all.
+        Ok(plan.filter(|p| !p.no_proxy.split(',').any(|e| e.trim() == "*")))
+    }
+
+    fn resolve_configured(settings: &NetSettings) -> Result<Option<ProxyPlan>, NetError> {
         if let Some(p) = &settings.proxy {
             let url = normalize_proxy_url(&p.url)?;
             return Ok(Some(ProxyPlan {

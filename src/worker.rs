@@ -211,9 +211,13 @@ impl AttemptRecord {
             .join(path_component(&self.ids.attempt_id))
     }
 
-    /// `<state>/work/<attempt>`
+    /// `<state>/work/<pipelineId>/<attempt>`: attempt ids are unique only within a pipeline (two
+    /// pipelines with the same component scheduled in the same second have the same attempt id).
     pub fn work_dir(&self, state_dir: &Path) -> PathBuf {
-        state_dir.join("work").join(path_component(&self.ids.attempt_id))
+        state_dir
+            .join("work")
+            .join(path_component(&self.ids.pipeline_id))
+            .join(path_component(&self.ids.attempt_id))
     }
 }
 

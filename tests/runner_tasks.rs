@@ -56,7 +56,7 @@ fn failures_report_exit_status_and_a_short_stderr_tail_and_arguments_arrive_in_o
 
     let a = local.wait_attempt(&failing, &["FINISHED", "FAILED"]);
     assert_eq!(a.get("@status"), Some("FAILED"), "{}", runner.log());
-    assert_eq!(a.get("errorId"), Some("ShellCommandFailed"));
+    assert_eq!(a.get("errorId"), Some("ShellCommandFailed"), "{a:?}");
     let m = a.get("errorMessage").unwrap();
     assert!(
         m.contains("exit status 3") && m.contains("table x is missing"),
