@@ -16,6 +16,7 @@ need_cmd() { command -v "$1" >/dev/null 2>&1 || apt_pkgs+=("$2"); }
 need_cmd faketime faketime
 need_cmd ps procps
 need_cmd runuser util-linux
+need_cmd useradd passwd
 need_cmd setpriv util-linux
 # Extra packages named by other parts of the tree (packaging tests etc.), one per line.
 for f in scripts/apt-packages.d/*.txt; do
