@@ -161,8 +161,8 @@ pub fn init(cfg: &LogConfig) -> Result<LogHandle, LogError> {
     if let Some(note) = &handle.fallback_note {
         tracing::warn!("{note}");
     }
-    // The jar prints the same line at start (dp-how-task-runner-user-managed.md).
-    tracing::info!("Logging to {}", handle.logs_dir().display());
+    // `Logging to <dir>` (as the jar prints it, dp-how-task-runner-user-managed.md) is printed once by
+    // the daemon on stdout; logging it here too would put it twice in the journal.
     handle.start_compression(COMPRESS_CHECK_INTERVAL);
     Ok(handle)
 }

@@ -505,6 +505,8 @@ impl Moto {
             .endpoint_url(&self.url)
             .force_path_style(true)
             .credentials_provider(creds)
+            // The crate is built without a default HTTPS client: give it a plain-HTTP one for moto.
+            .http_client(aws_smithy_http_client::Builder::new().build_http())
             .build();
         aws_sdk_s3::Client::from_conf(conf)
     }
