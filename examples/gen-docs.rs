@@ -7,9 +7,8 @@
 //! - `DIR/completions/{bash,zsh,fish}/` one file per binary, named as each shell looks them up.
 //!
 //! The commands come from [`commands`]: one function per binary, calling
-//! `taskrunner::config::cli::command()` (daemon) and `taskrunner::local::cli::Cli::command()`
-//! (`datapipeline-local`). `taskrunner-ctl`'s clap `Cli` is private to `control::ctl`, so its page
-//! is written from the documented contract until that module exposes `command()`.
+//! `taskrunner::config::cli::command()` (daemon), `taskrunner::control::ctl::command()`
+//! (`taskrunner-ctl`) and `taskrunner::local::cli::Cli::command()` (`datapipeline-local`).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -19,9 +18,8 @@ use clap::Command;
 use clap_complete::Shell;
 
 mod commands {
-    //! One function per shipped binary: its real `clap::Command` where the owning module exposes
-    //! one, otherwise the documented contract (marked below).
-    use clap::{Arg, ArgAction, Command, CommandFactory};
+    //! One function per shipped binary: its real `clap::Command`.
+    use clap::{Command, CommandFactory};
 
     /// `taskrunner(8)`: the daemon's own command (`taskrunner::config::cli::command`), with the
     /// service facts a man page reader needs.
@@ -32,7 +30,7 @@ mod commands {
              Settings: /etc/taskrunner/config.toml. Control socket: \
              /run/taskrunner/INSTANCE/control.sock (see taskrunner-ctl(1)).\n\n\
              Exit status: 0 normal (drained after SIGTERM, or an exit-after condition met), \
-             1 run-time failure, 2 usage error, 78 configuration or credentials error.",
+             1 run-time failure, 78 configuration, credentials or command-line error.",
         )
     }
 
@@ -41,41 +39,9 @@ mod commands {
         taskrunner::local::cli::Cli::command()
     }
 
-    /// `taskrunner-ctl(1)`. Contract, not the real command: `taskrunner::control::ctl`'s `Cli` is
-    /// private; replace this body with `taskrunner::control::ctl::command()` once it is public.
+    /// `taskrunner-ctl(1)`: `taskrunner::control::ctl::command`.
     pub fn taskrunner_ctl() -> Command {
-        let instance = || Arg::new("INSTANCE").help("Instance name; the only one when omitted");
-        Command::new("taskrunner-ctl")
-            .version(env!("CARGO_PKG_VERSION"))
-            .about("Inspect and control the taskrunner daemons on this host through their control sockets")
-            .long_about(
-                "Talks to a running taskrunner over its control socket \
-                 (/run/taskrunner/INSTANCE/control.sock). Exit status 3 when no daemon answers.",
-            )
-            .subcommand_required(true)
-            .subcommand(
-                Command::new("status")
-                    .about("State, running tasks, counters, backoff, disk use")
-                    .arg(instance())
-                    .arg(flag("json", "Machine-readable output")),
-            )
-            .subcommand(Command::new("list").about("Every instance on this host and its state"))
-            .subcommand(
-                Command::new("drain")
-                    .about("Stop taking new tasks; running ones finish")
-                    .arg(instance())
-                    .arg(flag("wait", "Wait until the running tasks finished")),
-            )
-            .subcommand(
-                Command::new("resume")
-                    .about("Take tasks again after drain")
-                    .arg(instance()),
-            )
-            .subcommand(Command::new("validate").about("Check the configuration and credentials"))
-    }
-
-    fn flag(name: &'static str, help: &'static str) -> Arg {
-        Arg::new(name).long(name).help(help).action(ArgAction::SetTrue)
+        taskrunner::control::ctl::command()
     }
 }
 

@@ -20,6 +20,11 @@ use crate::exit;
 use crate::service::human_secs;
 use crate::status::StatusSnapshot;
 
+/// The clap command of `taskrunner-ctl`, for its man page and completions (`examples/gen-docs.rs`).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "taskrunner-ctl",
