@@ -321,39 +321,10 @@ fn optional_period(o: &PipelineObject, key: &str) -> Result<Option<Duration>, Ta
         })
 }
 
-/// A Data Pipeline period: `N unit` with unit one of seconds, minutes, hours, days, weeks (singular,
-/// plural or capitalised, as the guide writes "1 Day" and "15 Minutes"). Months and years are
-/// accepted as 30 and 365 days (a timeout needs a length, not a calendar).
-///
-/// (A private copy until `crate::period` lands; then this calls it.)
+/// A Data Pipeline period (`crate::period::Period`: "15 minutes", "1 Day") as the length a timeout
+/// needs: months and years count as 30 and 365 days, not as calendar steps.
 pub fn parse_period(s: &str) -> Result<Duration, String> {
-    let mut parts = s.split_whitespace();
-    let (Some(n), Some(unit), None) = (parts.next(), parts.next(), parts.next()) else {
-        return Err(format!(
-            "{s:?} is not a period such as \"30 minutes\" or \"2 hours\""
-        ));
-    };
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("{s:?}: {n:?} is not a whole number"))?;
-    let unit = unit.to_ascii_lowercase();
-    let secs = match unit.trim_end_matches('s') {
-        "second" | "sec" => 1,
-        "minute" | "min" => 60,
-        "hour" => 3600,
-        "day" => 86_400,
-        "week" => 7 * 86_400,
-        "month" => 30 * 86_400,
-        "year" => 365 * 86_400,
-        _ => {
-            return Err(format!(
-                "{s:?}: unknown unit {unit:?} (seconds, minutes, hours, days, weeks)"
-            ))
-        }
-    };
-    n.checked_mul(secs)
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("{s:?} is too long"))
+    crate::period::Period::parse(s).map(|p| p.as_duration_approx())
 }
 
 #[cfg(test)]
