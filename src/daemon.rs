@@ -672,6 +672,7 @@ pub fn main() -> i32 {
             return crate::exit::FAILURE;
         }
     };
+    let logs_for_shutdown = logs.clone();
     let code = runtime.block_on(async move {
         crate::net::install_crypto_provider();
         let api = match crate::api::http::HttpPipelineApi::from_settings(&settings).await {
@@ -682,13 +683,22 @@ pub fn main() -> i32 {
                 return crate::exit::CONFIG;
             }
         };
-        let store: Option<Arc<dyn ObjectStore>> = match crate::net::s3_client(&settings).await {
-            Ok(c) => Some(Arc::new(c)),
+        let s3 = match crate::net::s3_client(&settings).await {
+            Ok(c) => Some(c),
             Err(e) => {
                 tracing::warn!("no S3 client ({e}): tasks with scriptUri or s3:// stdout/stderr will fail");
                 None
             }
         };
+        let shipper = match (&settings.log_uri, &s3) {
+            (Some(uri), Some(client)) => start_shipper(&settings, uri, client.clone()),
+            (Some(uri), None) => {
+                tracing::error!("--logUri {uri}: no S3 client, the hourly logs stay on this host");
+                None
+            }
+            (None, _) => None,
+        };
+        let store: Option<Arc<dyn ObjectStore>> = s3.map(|c| Arc::new(c) as Arc<dyn ObjectStore>);
         let service = ServiceSide::new(&settings);
         let (control_tx, control_rx) = mpsc::channel(8);
         let hooks = Hooks {
@@ -702,10 +712,52 @@ pub fn main() -> i32 {
         };
         let code = run(settings, Arc::new(api), store, hooks).await;
         service.cancel.cancel();
+        if let Some(shipper) = shipper {
+            // At shutdown every hourly file goes up, the current one too (as the jar does), bounded.
+            logs_for_shutdown.flush();
+            if let Err(e) = shipper.queue_hourly_files(true) {
+                tracing::error!("cannot queue the hourly logs for upload: {e}");
+            }
+            let left = shipper
+                .shutdown(tokio::time::Instant::now() + SHIP_AT_SHUTDOWN)
+                .await;
+            if left > 0 {
+                tracing::warn!(
+                    pending = left,
+                    "log uploads still pending at exit; they resume at the next start"
+                );
+            }
+        }
         code
     });
     logs.shutdown();
     code
+}
+
+/// How long the shutdown waits for log uploads (`--logUri`); what is left resumes at the next start
+/// (the queue is durable).
+const SHIP_AT_SHUTDOWN: Duration = Duration::from_secs(30);
+
+/// `--logUri`: the durable upload queue ships closed hourly files every hour and everything at
+/// shutdown, under `<logUri>/<taskrunnerId or hostname>/`.
+fn start_shipper(
+    settings: &Settings,
+    uri: &crate::config::S3Uri,
+    client: aws_sdk_s3::Client,
+) -> Option<crate::logs::ship::Shipper> {
+    let mut cfg = crate::logs::ship::ShipperConfig::new(&settings.state_dir, &settings.output_dir);
+    cfg.hourly = Some(crate::logs::ship::HourlyShipping {
+        log_uri: uri.clone(),
+        runner_name: taskrunner_id(settings).unwrap_or_else(|_| hostname()),
+    });
+    cfg.disk_budget_bytes = Some(settings.disk_budget_bytes);
+    match crate::logs::ship::Shipper::start(client, cfg, Arc::new(crate::logs::clock::SystemClock)) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!("--logUri {uri}: cannot start the log shipper: {e}; logs stay on this host");
+            None
+        }
+    }
 }
 
 /// The service side of the daemon: sd_notify (READY, STATUS on every change, WATCHDOG while the

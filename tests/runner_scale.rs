@@ -151,3 +151,45 @@ fn script_uri_from_s3_runs() {
         "stdout was not uploaded"
     );
 }
+
+/// `--logUri`: at shutdown every hourly file (the current one too) goes to
+/// `<logUri>/<taskrunnerId>/TaskRunner.log.YYYY-MM-DD-HH.gz`, compressed, as the jar pushes its logs.
+#[test]
+fn log_uri_gets_the_hourly_log_at_shutdown() {
+    let tmp = tempfile::tempdir().unwrap();
+    let moto = Moto::start(tmp.path());
+    moto.put("logs-bucket", "placeholder", b"x");
+    let local = Local::start(tmp.path(), FAST_LOCAL);
+    let hour_before = chrono::Utc::now().format("%Y-%m-%d-%H").to_string();
+    let pid = local.submit(&shell_pipeline("echo shipped", json!({})));
+    let mut runner = Runner::start(
+        &local,
+        &tmp.path().join("r"),
+        &format!("s3-endpoint = \"{}\"", moto.url),
+        &[
+            "--logUri=s3://logs-bucket/tr-logs",
+            "--taskrunnerId=tr-ship-test",
+            "--exit-after-tasks",
+            "1",
+        ],
+    );
+    let a = local.wait_attempt(&pid, &["FINISHED", "FAILED"]);
+    assert_eq!(a.get("@status"), Some("FINISHED"), "{a:?}");
+    assert_eq!(
+        runner.proc.wait_exit(Duration::from_secs(60)),
+        Some(0),
+        "{}",
+        runner.log()
+    );
+    // The hour may have turned while the test ran: the start line is in the file of the first hour.
+    let key = format!("tr-logs/tr-ship-test/TaskRunner.log.{hour_before}.gz");
+    let body = moto
+        .get("logs-bucket", &key)
+        .unwrap_or_else(|| panic!("{key} was not uploaded\n{}", runner.log()));
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&body[..]), &mut text).unwrap();
+    assert!(
+        text.contains("starting"),
+        "the uploaded log lacks the start line: {text}"
+    );
+}
