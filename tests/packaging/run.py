@@ -282,6 +282,8 @@ class AptRepo:
         repo = os.path.join(cls.tmp, "repo")
         run(["sh", os.path.join(ROOT, "scripts", "build-apt-repo.sh")],
             env=dict(env, APT_SIGNING_KEY="apt-test@example.org", APT_REPO_DIR=repo))
+        # The repository is signed: stop the gpg-agent that signing started, or it outlives the tests.
+        subprocess.run(["gpgconf", "--kill", "gpg-agent"], env=env, check=False)
         cls.dir = repo
         return repo
 
