@@ -76,6 +76,18 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
 
 
+def wait_peak_rss(proc, interval):
+    """Waits for `proc` to exit; returns its peak RSS (VmHWM) in bytes, sampled every `interval` s."""
+    peak = 0
+    while proc.p.poll() is None:
+        try:
+            peak = max(peak, proc_status(proc.pid)["VmHWM"])
+        except (FileNotFoundError, ProcessLookupError, KeyError):
+            pass
+        time.sleep(interval)
+    return peak
+
+
 class Proc:
     def __init__(self, args, cwd=None, env=None, stdout=subprocess.PIPE):
         self.p = subprocess.Popen(args, cwd=cwd, env=env or ENV, stdout=stdout, stderr=subprocess.PIPE, text=True)
@@ -300,13 +312,7 @@ def fig_capture(work):
         submit_tasks(ep, work, [producer])
         t0 = time.monotonic()
         tr = taskrunner(ep, work, "--tasks", "1", "--exit-after-tasks", "1")
-        peak = 0
-        while tr.p.poll() is None:
-            try:
-                peak = max(peak, proc_status(tr.pid)["VmHWM"])
-            except (FileNotFoundError, ProcessLookupError, KeyError):
-                pass
-            time.sleep(0.05)
+        peak = wait_peak_rss(tr, 0.05)
         dt = time.monotonic() - t0
         got = sum(p.stat().st_size for p in (Path(work) / "output" / "tasks").rglob("stdout"))
         if got != nbytes:
@@ -345,13 +351,7 @@ def fig_sleepers(work):
     try:
         submit_tasks(ep, work, ["sleep 20"] * n)
         tr = taskrunner(ep, work, "--tasks", str(n), "--exit-after-tasks", str(n))
-        peak = 0
-        while tr.p.poll() is None:
-            try:
-                peak = max(peak, proc_status(tr.pid)["VmHWM"])
-            except (FileNotFoundError, ProcessLookupError, KeyError):
-                pass
-            time.sleep(0.2)
+        peak = wait_peak_rss(tr, 0.2)
         if tr.p.returncode != 0:
             raise SystemExit(f"taskrunner exited {tr.p.returncode}")
         row(f"{n} concurrent sleep tasks: runner peak RSS", round(peak / MIB, 1), "MiB", "<= 64 MiB",

@@ -3,5 +3,4 @@
 # datapipeline-local. BENCH_SMOKE=1: tiny sizes, seconds, judged by nothing (CI runs it so the harness cannot rot).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --locked --examples -q 2>/dev/null || true
 exec python3 bench/bench.py
